@@ -1,0 +1,18 @@
+"""jaxinv: can a shared gradient be turned back into the training image, which layer makes it possible, and how
+secure is the model? Layer-wise gradient inversion (COPA, R-GAP) and security audits in JAX."""
+
+from ._activations import Activation
+from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
+from ._result import LayerReport, Reconstruction
+
+__all__ = [
+    "Activation",
+    "Layer",
+    "LayerReport",
+    "Model",
+    "Reconstruction",
+    "UnsupportedModelError",
+    "from_fn",
+    "from_linen",
+    "from_nnx",
+]
