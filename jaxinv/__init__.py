@@ -2,6 +2,8 @@
 secure is the model? Layer-wise gradient inversion (COPA, R-GAP) and security audits in JAX."""
 
 from ._activations import Activation
+from ._copa import HeadNotInvertibleError, copa
+from ._gradient import client_gradient, recover_label
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
 
@@ -12,6 +14,10 @@ __all__ = [
     "Model",
     "Reconstruction",
     "UnsupportedModelError",
+    "HeadNotInvertibleError",
+    "client_gradient",
+    "copa",
+    "recover_label",
     "from_fn",
     "from_linen",
     "from_nnx",

@@ -1,0 +1,412 @@
+r"""COPA / R-GAP: invert a shared gradient layer by layer, from the output down to the image.
+
+The recursion (Chen & Campbell 2021, eqs. for the forward and gradient constraints; Zhu & Blaschko 2021):
+
+1. **Head** (layer :math:`L`, dense with bias): :math:`g_{b_L} = \delta_L` and :math:`g_{W_L} = \delta_L
+   x_{L-1}^\top`, so :math:`x_{L-1}` solves the gradient constraint alone in least squares
+   (:math:`x_{L-1} = g_{W_L}^\top g_{b_L} / \|g_{b_L}\|^2` for a dense head; all rows are used, not the first
+   non-zero one). Without a bias, :math:`g_{W_L}` is rank one: :math:`x_{L-1} = c\,v` with :math:`v` its right
+   singular vector, and the scale :math:`c` is the root of the consistency equation
+   :math:`c\,\ell'(c\,W v) = \sigma u` (R-GAP's scalar trick, for any loss and activation).
+2. **Going down**, knowing :math:`x_l` and :math:`\partial\ell/\partial x_l = A_{l+1}^\top\delta_{l+1}`:
+   :math:`z_l = s_l^{-1}(x_l)`, :math:`\delta_l = \partial\ell/\partial x_l \odot s_l'(z_l)`, and
+   :math:`x_{l-1}` solves :math:`[A_l;\,B_l(\cdot;\delta_l)]\,x = [z_l - c_l;\, g_{W_l} - B_l(0;\delta_l)]`
+   in least squares (:mod:`jaxinv._operators`).
+3. The image is :math:`x_0`.
+
+The recursion is a fold over the layers from the output down (layers differ in shape, so it is a Python
+``reduce`` over jit-compiled steps rather than ``lax.scan``). ReLU is followed exactly where it is known:
+active units (:math:`x_l > 0`) give forward rows, inactive ones give :math:`\delta_l = 0` and no row.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, Int, PyTree
+
+from ._gradient import check_labels, loss_fn, validate_grads
+from ._model import Model, _Stage, _Structure
+from ._operators import LayerSystem, _norm, _vdot, _with_leaf, operator_norm, solver_status
+from ._result import LayerReport, Reconstruction
+
+
+class HeadNotInvertibleError(ValueError):
+    """The network's head cannot be inverted in closed form (message says why and what to use)."""
+
+
+# ----------------------------------------------------------------------------------------------------- options
+class CopaOptions(eqx.Module):
+    """Solver options of the layer-wise attacks (static: a change recompiles).
+
+    Attributes:
+        rtol, atol: LSMR tolerances (default: 1e-6 in float32, 1e-12 in float64).
+        max_steps: LSMR iteration cap per layer.
+        forward_weight, gradient_weight: extra weights on the two blocks after norm balancing (0 drops a block:
+            ``gradient_weight=0`` is the forward-only inversion, ``forward_weight=0`` the gradient-only one).
+        loss: the client's loss (``auto``: logistic for one output, cross-entropy otherwise).
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    max_steps: int = 2000
+    forward_weight: float = 1.0
+    gradient_weight: float = 1.0
+    loss: str = "auto"
+
+
+def _tols(opts: CopaOptions, dtype):
+    base = 1e-12 if jnp.dtype(dtype) == jnp.float64 else 1e-6
+    return (opts.rtol if opts.rtol is not None else base, opts.atol if opts.atol is not None else base)
+
+
+# -------------------------------------------------------------------------------------------------------- head
+def _bias_map(stage: _Stage, leaves):
+    """Linear map ``b -> contribution of b to z`` of the layer's bias, and its input structure."""
+    bl = stage.nodes.bias_leaf
+    x0 = jnp.zeros(stage.nodes.x_in.shape, leaves[stage.nodes.kernel_leaf].dtype)
+    return lambda b: stage.affine(x0, _with_leaf(leaves, bl, b)) - stage.affine(
+        x0, _with_leaf(leaves, bl, jnp.zeros_like(leaves[bl]))
+    )
+
+
+def head_delta_direction(structure: _Structure, gleaves) -> tuple[Array, bool]:
+    r"""The head's :math:`\delta_L` from the shared gradient: exact from the bias gradient when the head has a
+    bias (``exact=True``), else its direction up to sign and scale (left singular vector of :math:`g_{W_L}`)."""
+    st = structure.stages[-1]
+    z_shape = st.nodes.z.shape
+    if st.nodes.bias_leaf >= 0:
+        params_like = [g for g in gleaves]
+        gb = gleaves[st.nodes.bias_leaf]
+        if math.prod(gb.shape) != math.prod(z_shape):
+            raise HeadNotInvertibleError(
+                f"the head {st.layer.path!r} shares its bias over {math.prod(z_shape) // max(1, math.prod(gb.shape))} "
+                "positions, so its bias gradient is a sum of per-position errors and does not give delta_L: invert "
+                "this model with an optimisation attack (jaxinv.attack('ig', ...))"
+            )
+        del params_like
+        return gb.reshape(z_shape), True
+    u, _, _ = _rank_one(st, gleaves)
+    return u.reshape(z_shape), False
+
+
+def _rank_one(st: _Stage, gleaves, leaves=None):
+    r"""Write :math:`g_{W_L} = \sigma\, u\, v^\top` with :math:`u` over outputs and :math:`v` over inputs."""
+    leaves = gleaves if leaves is None else leaves
+    if st.layer.kind != "dense":
+        raise HeadNotInvertibleError(
+            f"the head {st.layer.path!r} is a convolution without bias: its gradient is not a rank-one outer "
+            "product, so the head cannot be inverted in closed form; use jaxinv.attack('ig', ...)"
+        )
+    z_shape = st.nodes.z.shape
+    k = st.nodes.kernel_leaf
+    gW = gleaves[k]
+    n_out = math.prod(z_shape)
+    eye = jnp.eye(n_out, dtype=gW.dtype).reshape((n_out,) + tuple(z_shape))
+
+    def row(e):  # B(x; e_j)^T gW = delta_j x for a dense layer
+        sys = LayerSystem.build(st, leaves, e)
+        return jax.linear_transpose(sys.gradient, sys.x_struct)(gW)[0].reshape(-1)
+
+    R = jax.vmap(row)(eye)  # (n_out, n_in)
+    U, S, Vt = jnp.linalg.svd(R, full_matrices=False)
+    return U[:, 0], S[0], Vt[0].reshape(st.nodes.x_in.shape)
+
+
+def _delta_of_logits(stage: _Stage, loss: str, n_out: int):
+    """``z_L -> dl/dz_L`` for one example: the loss through the head's activation."""
+    lf = loss_fn(loss, n_out)
+
+    def delta(z, y):
+        return jax.grad(lambda zz: lf(stage.activation(zz).reshape(1, -1), y[None]))(z)
+
+    return delta
+
+
+def _head_scale(st: _Stage, leaves, u, s, v, label, loss, n_out):
+    r"""Solve :math:`c\,\delta(c) = \sigma u` for the scale :math:`c` of :math:`x_{L-1} = c v` (1-D search)."""
+    sys = LayerSystem.build(st, leaves, jnp.zeros(st.nodes.z.shape, v.dtype))
+    av, c0 = sys.forward(v), sys.forward_offset
+    delta = _delta_of_logits(st, loss, n_out)
+    target = s * u.reshape(av.shape)
+
+    def misfit(c):
+        d = delta(c * av + c0, label)
+        r = c * d - target
+        r2 = -c * d - target  # the SVD's sign of u is arbitrary
+        return jnp.minimum(jnp.sum(r * r), jnp.sum(r2 * r2))
+
+    mags = jnp.logspace(-4, 5, 1801, dtype=v.dtype)
+    grid = jnp.concatenate([mags, -mags])
+    vals = jax.vmap(misfit)(grid)
+    i = jnp.argmin(vals)
+    c = grid[i]
+    # refine in log-space around the best grid point (golden section)
+    sign, lc = jnp.sign(c), jnp.log(jnp.abs(c))
+    step = (jnp.log(mags[1]) - jnp.log(mags[0])).astype(v.dtype)
+    lo, hi = lc - step, lc + step
+    g = (math.sqrt(5) - 1) / 2
+
+    def body(_, b):
+        lo, hi = b
+        m1, m2 = hi - g * (hi - lo), lo + g * (hi - lo)
+        f1, f2 = misfit(sign * jnp.exp(m1)), misfit(sign * jnp.exp(m2))
+        return jnp.where(f1 < f2, lo, m1), jnp.where(f1 < f2, m2, hi)
+
+    lo, hi = jax.lax.fori_loop(0, 60, body, (lo, hi))
+    c = sign * jnp.exp(0.5 * (lo + hi))
+    d = delta(c * av + c0, label)
+    # orient: the solution's delta must match +sigma*u or -sigma*u; x = c v with the matching sign
+    flip = jnp.sum((c * d - target) ** 2) > jnp.sum((-c * d - target) ** 2)
+    c = jnp.where(flip, -c, c)
+    return c * v, delta(c * av + c0, label)
+
+
+# ------------------------------------------------------------------------------------------------ layer solve
+def _solve_layer(sys: LayerSystem, z, gW, opts: CopaOptions, *, use_forward=True, mask=None):
+    """Least-squares solve of one layer's stacked system; returns ``(x, residuals..., steps, status)``."""
+    dtype = sys.x_struct.dtype
+    rtol, atol = _tols(opts, dtype)
+    fwd_target = (z - sys.forward_offset)
+    if mask is not None:
+        fwd_target = fwd_target * mask
+    grd_target = gW - sys.gradient_offset
+    fwd_fn = sys.forward if mask is None else (lambda x: sys.forward(x) * mask)
+    nf = operator_norm(fwd_fn, sys.x_struct)
+    ng = operator_norm(sys.gradient, sys.x_struct)
+    safe = lambda n: jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)  # noqa: E731
+    wf = safe(nf) * (opts.forward_weight if use_forward else 0.0)
+    wg = safe(ng) * opts.gradient_weight
+    op = sys.operator(wf, wg, mask)
+    rhs = (wf * fwd_target, wg * grd_target)
+    sol = lx.linear_solve(op, rhs, lx.LSMR(rtol=rtol, atol=atol, max_steps=opts.max_steps), throw=False)
+    x = sol.value
+    fres = _norm(fwd_fn(x) - fwd_target) / jnp.maximum(_norm(fwd_target), jnp.finfo(dtype).tiny)
+    gres = _norm(sys.gradient(x) - grd_target) / jnp.maximum(_norm(grd_target), jnp.finfo(dtype).tiny)
+    if not use_forward:
+        fres = jnp.full((), jnp.nan, dtype)
+    status = solver_status(sol.result)
+    finite = jnp.all(jnp.isfinite(x))
+    status = jnp.where(finite, status, 4)
+    x = jnp.where(finite, x, 0.0)
+    steps = jnp.asarray(sol.stats.get("num_steps", -1), jnp.int32)
+    return x, fres, gres, steps, status
+
+
+def _bias_residual(stage: _Stage, leaves, gleaves, delta):
+    bl = stage.nodes.bias_leaf
+    if bl < 0:
+        return jnp.full((), jnp.nan, delta.dtype)
+    bmap = _bias_map(stage, leaves)
+    gb_hat = jax.linear_transpose(bmap, jax.ShapeDtypeStruct(leaves[bl].shape, leaves[bl].dtype))(delta)[0]
+    gb = gleaves[bl]
+    return _norm(gb_hat - gb) / jnp.maximum(_norm(gb), jnp.finfo(delta.dtype).tiny)
+
+
+def _report(stage, use_forward, fres, gres, bres, clipped, steps, status, seconds=jnp.nan):
+    L = stage.layer
+    return LayerReport(
+        path=L.path, kind=L.kind, unknowns=L.unknowns, forward_rows=L.forward_rows if use_forward else 0,
+        gradient_rows=L.gradient_rows, forward_residual=fres, gradient_residual=gres, bias_residual=bres,
+        clipped=jnp.asarray(clipped, jnp.int32), steps=steps, status=status,
+        seconds=jnp.asarray(seconds, jnp.float32),
+    )
+
+
+# -------------------------------------------------------------------------------------------------- the steps
+def _head_step(model: Model, structure: _Structure, gleaves, label, opts: CopaOptions):
+    """Layer L: recover ``delta_L`` (and the label), solve for ``x_{L-1}``; return ``(x, dl/dx, label, report)``."""
+    leaves = jax.tree_util.tree_leaves(model.params)
+    st = structure.stages[-1]
+    n_out = math.prod(st.nodes.z.shape)
+    k = st.nodes.kernel_leaf
+    gW = gleaves[k]
+    if st.nodes.bias_leaf >= 0:
+        delta, _ = head_delta_direction(structure, gleaves)
+        if label is None:
+            label = _label_from_delta(delta.reshape(-1), exact=True)
+        sys = LayerSystem.build(st, leaves, delta)
+        x, fres, gres, steps, status = _solve_layer(sys, jnp.zeros_like(sys.forward_offset), gW, opts, use_forward=False)
+    else:
+        u, s, v = _rank_one(st, gleaves, leaves)
+        if label is None:
+            if n_out == 1:
+                raise HeadNotInvertibleError(
+                    f"the head {st.layer.path!r} has one output and no bias: the label cannot be read from the "
+                    "gradient's sign; pass label= (0 or 1)"
+                )
+            label = _label_from_delta(u, exact=False)
+        loss = opts.loss
+        x, delta = _head_scale(st, leaves, u, s, v, label, loss, n_out)
+        sys = LayerSystem.build(st, leaves, delta)
+        gres = _norm(sys.gradient(x) - gW) / jnp.maximum(_norm(gW), jnp.finfo(gW.dtype).tiny)
+        fres = jnp.full((), jnp.nan, gW.dtype)
+        steps, status = jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.int32)
+        status = jnp.where(jnp.isfinite(gres) & (gres < 1e-2), status, 3)
+    bres = _bias_residual(st, leaves, gleaves, delta)
+    gx = sys.forward_transpose(delta)
+    rep = _report(st, False, fres, gres, bres, 0, steps, status)
+    return x, gx, jnp.asarray(label, jnp.int32), rep
+
+
+def _label_from_delta(d, *, exact):
+    if d.size == 1:
+        return jnp.where(d[0] < 0, 1, 0).astype(jnp.int32)
+    if exact:
+        return jnp.argmin(d).astype(jnp.int32)
+    neg = jnp.sum(d < 0)
+    return jnp.where(neg <= d.size // 2, jnp.argmin(d), jnp.argmax(d)).astype(jnp.int32)
+
+
+def _down_step(model: Model, structure: _Structure, l: int, gleaves, x_l, gx_l, opts: CopaOptions):
+    """Layer l (0-based, below the head): from ``x_l`` (its output) and ``dl/dx_l`` to ``x_{l-1}``."""
+    leaves = jax.tree_util.tree_leaves(model.params)
+    st = structure.stages[l]
+    act = st.activation
+    if act.name in ("gelu", "silu"):
+        raise ValueError(
+            f"the activation after layer {st.layer.path!r} is {act}, which is not invertible on all of R; the "
+            "layer-wise attacks support identity, tanh, sigmoid, leaky_relu, elu, softplus and relu. Use "
+            "jaxinv.attack('ig', ...) for this model"
+        )
+    z, clipped = act.inverse(x_l)
+    mask = (x_l > 0).astype(x_l.dtype) if act.name == "relu" else None
+    delta = gx_l * act.derivative(z, x_l)
+    sys = LayerSystem.build(st, leaves, delta)
+    x, fres, gres, steps, status = _solve_layer(sys, z, gleaves[st.nodes.kernel_leaf], opts, mask=mask)
+    bres = _bias_residual(st, leaves, gleaves, delta)
+    gx = sys.forward_transpose(delta) if l > 0 else jnp.zeros_like(x)
+    return x, gx, _report(st, True, fres, gres, bres, clipped, steps, status)
+
+
+_head_jit = eqx.filter_jit(_head_step)
+_down_jit = eqx.filter_jit(_down_step)
+
+
+# -------------------------------------------------------------------------------------------------- the entry
+def _is_traced(*trees) -> bool:
+    return any(isinstance(l, jax.core.Tracer) for t in trees for l in jax.tree_util.tree_leaves(t))
+
+
+def copa(
+    model: Model,
+    grads: PyTree,
+    *,
+    label: int | Int[Array, "..."] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    loss: str = "auto",
+    max_steps: int = 2000,
+    rtol: float | None = None,
+    atol: float | None = None,
+    forward_weight: float = 1.0,
+    gradient_weight: float = 1.0,
+    key: Any = None,
+) -> Reconstruction:
+    r"""Reconstruct the input from a single-image gradient, layer by layer (COPA / R-GAP least squares).
+
+    Args:
+        model: the model the client trained (:func:`jaxinv.from_linen` / ``from_nnx`` / ``from_fn``).
+        grads: the shared gradient, a pytree shaped like ``model.params`` — or with one extra leading axis ``T``
+            on every leaf for ``T`` independent targets (each one image), solved in one ``vmap``.
+        label: the image's label (int, or shape ``(T,)`` for stacked targets); ``None`` recovers it from the
+            head's gradient (iDLG rule) and reports it in ``.label``.
+        input_shape: shape of one input without the batch axis (default: the model's).
+        loss: the client's loss (``auto``, ``cross_entropy``, ``logistic``); only used by bias-free heads and
+            for the reported gradient distance.
+        max_steps, rtol, atol: LSMR options per layer (tolerances default to 1e-6 in float32, 1e-12 in float64).
+        forward_weight, gradient_weight: weights of the two constraint blocks after norm balancing.
+        key: unused (the method is deterministic); accepted for the common attack interface.
+
+    Returns:
+        A :class:`Reconstruction`: ``.image`` of shape ``(T or 1, *input_shape)``, ``.label``, per-layer
+        ``.layers`` (input layer first) with residuals, clipping counts, solver steps and status.
+
+    Example:
+        >>> grads = jaxinv.client_gradient(model, x, y)
+        >>> rec = jaxinv.copa(model, grads, input_shape=(32, 32, 3))
+        >>> jaxinv.psnr(rec.image, x)
+    """
+    del key
+    structure = model.structure(input_shape)
+    gleaves, T = validate_grads(model, grads)
+    n_out = math.prod(structure.stages[-1].nodes.x_out.shape)
+    n_lab = 2 if n_out == 1 else n_out
+    loss = loss if loss != "auto" else ("logistic" if n_out == 1 else "cross_entropy")
+    if label is not None:
+        label = check_labels(jnp.asarray(label), n_lab)
+        if T is None and label.size != 1:
+            raise ValueError(
+                f"label has shape {tuple(label.shape)} but grads is one target's gradient: pass one label, or stack "
+                "T gradients along a new leading axis with label of shape (T,). COPA inverts single-image "
+                "gradients; for a batch gradient use jaxinv.attack('ig', ...)"
+            )
+        if T is not None and label.shape != (T,):
+            raise ValueError(f"label must have shape ({T},) for {T} stacked targets, got {tuple(label.shape)}")
+        if T is None:
+            label = label.reshape(())
+    opts = CopaOptions(rtol=rtol, atol=atol, max_steps=max_steps, forward_weight=forward_weight,
+                       gradient_weight=gradient_weight, loss=loss)
+    traced = _is_traced(grads, label, model.params)
+    t_start = time.perf_counter()
+
+    def timed(fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if traced:
+            return out, jnp.nan
+        jax.block_until_ready(out)
+        return out, time.perf_counter() - t0
+
+    head = functools.partial(_head_jit, model, structure)
+    down = [functools.partial(_down_jit, model, structure, l) for l in range(len(structure.stages) - 1)]
+    if T is not None:
+        head = eqx.filter_vmap(head, in_axes=(0, 0 if label is not None else None, None))
+        down = [eqx.filter_vmap(d, in_axes=(0, 0, 0, None)) for d in down]
+
+    (x, gx, lab, rep), sec = timed(head, gleaves, label, opts)
+    reports = [eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32))]
+
+    def fold(carry, l):  # one layer down: a fold over the layers from the output to the input
+        x, gx = carry
+        (x, gx, rep), sec = timed(down[l], gleaves, x, gx, opts)
+        reports.append(eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32)))
+        return x, gx
+
+    x, _ = functools.reduce(fold, reversed(range(len(structure.stages) - 1)), (x, gx))
+    image = x.reshape((T if T is not None else 1,) + structure.input_shape)
+    labels = lab.reshape(-1)
+    dist = _gradient_distance(model, image, labels, gleaves, loss, n_out, T)
+    total = jnp.nan if traced else time.perf_counter() - t_start
+    return Reconstruction(
+        image=image, label=labels, layers=tuple(reversed(reports)), attack="copa",
+        loss_trace=jnp.zeros((labels.shape[0], 0), image.dtype), gradient_distance=dist,
+        seconds=jnp.asarray(total, jnp.float32),
+    )
+
+
+def gradient_distance(model: Model, image, label, gleaves, loss: str, n_out: int) -> Array:
+    r"""Relative distance :math:`\|g(\hat x) - g\| / \|g\|` for one target (image ``(1, ...)``)."""
+    lf = loss_fn(loss, n_out)
+    g_hat = jax.tree_util.tree_leaves(jax.grad(lambda p: lf(model.apply_fn(p, image), label.reshape(1)))(model.params))
+    num = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(g_hat, gleaves)))
+    den = jnp.sqrt(sum(jnp.sum(b**2) for b in gleaves))
+    return num / jnp.maximum(den, jnp.finfo(image.dtype).tiny)
+
+
+@eqx.filter_jit
+def _gd_batched(model, image, label, gleaves, loss, n_out, stacked):
+    if stacked:
+        return jax.vmap(lambda i, y, g: gradient_distance(model, i[None], y, g, loss, n_out))(image, label, gleaves)
+    return gradient_distance(model, image, label, gleaves, loss, n_out)[None]
+
+
+def _gradient_distance(model, image, labels, gleaves, loss, n_out, T):
+    return _gd_batched(model, image, labels if T is not None else labels[0], gleaves, loss, n_out, T is not None)

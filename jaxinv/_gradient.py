@@ -1,0 +1,190 @@
+r"""The gradient a client shares, its validation, and the label it reveals.
+
+A client with images ``x`` (batch ``B``) and labels ``y`` shares
+:math:`g = \nabla_\theta \frac1B\sum_i \ell(f_\theta(x_i), y_i)`, a pytree shaped like the parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int, PyTree
+
+from ._model import Model, param_paths
+
+LOSSES = ("cross_entropy", "logistic", "auto")
+
+
+def _resolve_loss(loss: str, num_outputs: int) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+    if loss == "auto":
+        return "logistic" if num_outputs == 1 else "cross_entropy"
+    if loss == "cross_entropy" and num_outputs == 1:
+        raise ValueError(
+            "loss='cross_entropy' on a model with one output gives a zero gradient (softmax of one logit is 1): "
+            "use loss='logistic' (binary cross-entropy on the single logit, labels 0/1)"
+        )
+    if loss == "logistic" and num_outputs != 1:
+        raise ValueError(f"loss='logistic' needs a model with one output, this one has {num_outputs}")
+    return loss
+
+
+def loss_fn(loss: str, num_outputs: int) -> Callable[[Array, Array], Array]:
+    """Per-batch mean loss ``(logits (B, K), labels (B,)) -> scalar``.
+
+    ``cross_entropy``: softmax cross-entropy with integer labels in ``[0, K)``. ``logistic``: binary
+    cross-entropy on a single logit with labels in ``{0, 1}`` (R-GAP's setting). ``auto`` picks ``logistic``
+    for one output, ``cross_entropy`` otherwise.
+    """
+    kind = _resolve_loss(loss, num_outputs)
+
+    def ce(logits, y):
+        logits = logits.reshape(logits.shape[0], -1)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    def logistic(logits, y):
+        logits = logits.reshape(logits.shape[0])
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y.astype(logits.dtype)))
+
+    return ce if kind == "cross_entropy" else logistic
+
+
+def num_labels(model: Model, input_shape=None) -> int:
+    """Number of valid label values: classes for cross-entropy, 2 for a single logistic output."""
+    k = int(np.prod(model.output_shape(input_shape)))
+    return 2 if k == 1 else k
+
+
+def check_labels(y, n: int, *, name: str = "label"):
+    """Labels must be integers in ``[0, n)``: eager error when concrete, ``eqx.error_if`` under ``jit``."""
+    y = jnp.asarray(y)
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integer class indices, got dtype {y.dtype}")
+    try:
+        vals = np.asarray(y)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return eqx.error_if(y, (y < 0) | (y >= n), f"{name} out of range [0, {n})")
+    if vals.size and (vals.min() < 0 or vals.max() >= n):
+        raise ValueError(f"{name}={vals.tolist()} is out of range: the model has {n} classes, labels are in [0, {n})")
+    return y
+
+
+def client_gradient(
+    model: Model,
+    x: Float[Array, "B *shape"],
+    y: Int[Array, " B"],
+    *,
+    loss: str = "auto",
+    params: PyTree | None = None,
+) -> PyTree:
+    r"""The gradient one client shares: :math:`\nabla_\theta \frac1B \sum_i \ell(f_\theta(x_i), y_i)`.
+
+    Args:
+        model: the model (its parameters are the point of differentiation unless ``params`` is given).
+        x: the client's images, batch axis first, in the model's input format.
+        y: integer labels, shape ``(B,)``.
+        loss: ``cross_entropy``, ``logistic`` (single output) or ``auto``.
+        params: parameters to differentiate at (default ``model.params``).
+
+    Returns:
+        A pytree shaped like the parameters.
+
+    Example:
+        >>> grads = jaxinv.client_gradient(model, images[:1], jnp.array([3]))
+    """
+    params = model.params if params is None else params
+    x = jnp.asarray(x)
+    y = jnp.asarray(y)
+    if y.ndim == 0:
+        y = y[None]
+    if x.ndim < 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x (shape {tuple(x.shape)}) must have a batch axis first matching y (shape {tuple(y.shape)}); "
+            "for one image use x[None] and y of shape (1,)"
+        )
+    n_out = model.num_outputs if model.default_input_shape is not None else int(
+        np.prod(jax.eval_shape(model.apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[1:]))
+    y = check_labels(y, 2 if n_out == 1 else n_out, name="y")
+    lf = loss_fn(loss, n_out)
+    return jax.grad(lambda p: lf(model.apply_fn(p, x), y))(params)
+
+
+def validate_grads(model: Model, grads: PyTree, *, allow_batch: bool = True) -> tuple[list[Array], int | None]:
+    """Check a gradient pytree against the model's parameters.
+
+    Returns the flat leaves and the number of stacked targets (``None`` when the leaves have exactly the
+    parameters' shapes, ``T`` when every leaf has one extra leading axis of size ``T``: independent targets).
+    Raises an error naming the first path that does not match; non-finite values raise when the gradient is
+    concrete (under ``jit`` they surface as a non-finite reconstruction with a failed status).
+    """
+    ptree = jax.tree_util.tree_structure(model.params)
+    try:
+        gtree = jax.tree_util.tree_structure(grads)
+    except Exception:  # pragma: no cover
+        raise TypeError("grads must be a pytree of arrays shaped like the model's params") from None
+    paths = param_paths(model.params)
+    if gtree != ptree:
+        gpaths = param_paths(grads) if jax.tree_util.tree_leaves(grads) else []
+        missing = [p for p in paths if p not in gpaths]
+        extra = [p for p in gpaths if p not in paths]
+        raise ValueError(
+            "grads does not have the structure of the model's params: "
+            + (f"missing {missing[:3]} " if missing else "")
+            + (f"unexpected {extra[:3]} " if extra else "")
+            + "(pass the gradient of exactly the params the Model was built with, e.g. jaxinv.client_gradient)"
+        )
+    gl = jax.tree_util.tree_leaves(grads)
+    pl = jax.tree_util.tree_leaves(model.params)
+    batch = None  # None: not decided yet; 0: one target; T: T stacked targets
+    for path, g, p in zip(paths, gl, pl):
+        gs, ps = tuple(np.shape(g)), tuple(np.shape(p))
+        if gs == ps and batch in (None, 0):
+            batch = 0
+        elif allow_batch and len(gs) == len(ps) + 1 and gs[1:] == ps and batch in (None, gs[0]):
+            batch = gs[0]
+        else:
+            raise ValueError(
+                f"grads[{path!r}] has shape {gs} but the parameter has shape {ps}"
+                + (" (stacked targets need one extra leading axis of the same size on every leaf)"
+                   if allow_batch and batch else "")
+            )
+    for path, g in zip(paths, gl):
+        if isinstance(g, jax.core.Tracer):
+            continue
+        a = np.asarray(g)
+        if not np.all(np.isfinite(a)):
+            raise ValueError(
+                f"grads[{path!r}] has {int(np.sum(~np.isfinite(a)))} non-finite value(s) (NaN/inf): the client's "
+                "gradient overflowed or was corrupted; recompute it (float32 overflow? lower the learning rate)"
+            )
+    return [jnp.asarray(g) for g in gl], (batch or None)
+
+
+def recover_label(model: Model, grads: PyTree, *, input_shape=None) -> Int[Array, ""]:
+    r"""The label a single-image gradient reveals (iDLG).
+
+    With cross-entropy, :math:`\partial\ell/\partial z_L = \mathrm{softmax}(z_L) - e_y` has exactly one negative
+    entry, at the label. The head's bias gradient equals it; without a bias, the head's kernel gradient
+    :math:`\delta_L x_{L-1}^\top` is rank one and its left singular vector has the same sign pattern up to a
+    global sign: the label is the entry whose sign differs from the others. For a single logistic output the
+    sign of :math:`\sigma(z) - y` gives the label.
+    """
+    from ._copa import head_delta_direction  # local: avoids an import cycle
+
+    structure = model.structure(input_shape)
+    leaves, _ = validate_grads(model, grads, allow_batch=False)
+    d, exact = head_delta_direction(structure, leaves)
+    d = d.reshape(-1)
+    if d.size == 1:
+        return jnp.where(d[0] < 0, 1, 0).astype(jnp.int32)
+    if exact:
+        return jnp.argmin(d).astype(jnp.int32)
+    # sign known only up to a global flip: the odd one out
+    neg = jnp.sum(d < 0)
+    return jnp.where(neg <= d.size // 2, jnp.argmin(d), jnp.argmax(d)).astype(jnp.int32)

@@ -1,0 +1,552 @@
+"""The architectures of the gradient-inversion papers, as Flax linen modules.
+
+Every model is a plain feed-forward network: convolutions (each followed by one
+activation), a flatten, optional hidden dense layers, and a dense head whose
+output goes through one last activation. All models share one module class,
+:class:`ZooNet`, built from one table of layer specifications (:func:`info`).
+
+Conventions (the same for every zoo model):
+
+* **Inputs** are NHWC images with pixel values in ``[0, 1]``. The first
+  operation of every model is ``x = x - 0.5``: the papers feed
+  ``pixel / 255 - 0.5``, so putting the shift inside the model keeps the
+  papers' networks *and* lets reconstructions live in ``[0, 1]`` image space,
+  where :mod:`jaxinv.metrics` measures them with ``data_range=1``.
+* **Initialisation** is PyTorch's default (what the papers used, untrained):
+  every kernel and bias entry is drawn from
+
+  .. math::
+
+      w \\sim \\mathcal{U}\\left(-\\tfrac{1}{\\sqrt{n_\\text{in}}},\\,
+      \\tfrac{1}{\\sqrt{n_\\text{in}}}\\right), \\qquad
+      n_\\text{in} = \\begin{cases} c_\\text{in} k_h k_w & \\text{convolution} \\\\
+      d_\\text{in} & \\text{dense} \\end{cases}
+
+  (``kaiming_uniform(a=sqrt(5))`` for weights, the same bound for biases). The
+  distribution matches; the random stream does not (JAX keys, not torch seeds).
+* Padding is explicit and symmetric, ``((p, p), (p, p))``, as in PyTorch.
+* Flatten is ``x.reshape(x.shape[0], -1)`` of the NHWC tensor, so the head's
+  input order is (H, W, C), not PyTorch's (C, H, W): the same system up to a
+  permutation of the head's rows.
+
+Example:
+    >>> import jax
+    >>> from jaxinv import zoo
+    >>> module, variables = zoo.build("cnn3_c1", key=jax.random.key(0))
+    >>> x = jax.numpy.zeros((1, *zoo.input_shape("cnn3_c1")))
+    >>> module.apply(variables, x).shape
+    (1, 10)
+
+References:
+    * S. Chen and J. Campbell (Chen & Campbell), COPA layer-wise gradient
+      inversion; models ``cnn*_c*`` from ``targets.py`` of the authors' code.
+    * J. Zhu and M. Blaschko, "R-GAP: Recursive Gradient Attack on Privacy",
+      ICLR 2021; models CNN6, CNN6-d and FCN3.
+    * L. Zhu, Z. Liu and S. Han, "Deep Leakage from Gradients", NeurIPS 2019;
+      the LeNet variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+__all__ = [
+    "ConvLayer",
+    "DenseLayer",
+    "ModelInfo",
+    "ZooNet",
+    "activation",
+    "build",
+    "info",
+    "input_shape",
+    "make_cnn",
+    "names",
+    "num_classes",
+]
+
+_LEAKY_DEFAULT = 0.01
+
+
+# --------------------------------------------------------------------------- #
+# Activations
+# --------------------------------------------------------------------------- #
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "identity": lambda x: x,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "relu": jax.nn.relu,
+    "elu": jax.nn.elu,
+    "softplus": jax.nn.softplus,
+}
+_ACTIVATION_HELP = (
+    "one of 'identity', 'tanh', 'sigmoid', 'relu', 'elu', 'softplus', "
+    "'leaky_relu' (negative slope 0.01) or 'leaky_relu:<slope>' (e.g. 'leaky_relu:0.2')"
+)
+
+
+def _leaky_slope(spec: str) -> float | None:
+    """The negative slope of a ``'leaky_relu[:slope]'`` spec, ``None`` if not leaky."""
+    if spec == "leaky_relu":
+        return _LEAKY_DEFAULT
+    if spec.startswith("leaky_relu:"):
+        try:
+            slope = float(spec.split(":", 1)[1])
+        except ValueError:
+            return math.nan
+        return slope
+    return None
+
+
+def _check_activation(spec: Any, where: str) -> str:
+    if not isinstance(spec, str):
+        raise TypeError(f"{where} must be a string, {_ACTIVATION_HELP}; got {spec!r}.")
+    slope = _leaky_slope(spec)
+    if slope is None and spec not in _ACTIVATIONS:
+        raise ValueError(f"{where}: unknown activation {spec!r}; use {_ACTIVATION_HELP}.")
+    if slope is not None and not math.isfinite(slope):
+        raise ValueError(
+            f"{where}: cannot read the slope of {spec!r}; write e.g. 'leaky_relu:0.2'."
+        )
+    return spec
+
+
+def activation(spec: str) -> Callable[[Array], Array]:
+    """The element-wise function named by an activation string.
+
+    Args:
+        spec: ``'identity'``, ``'tanh'``, ``'sigmoid'``, ``'relu'``, ``'elu'``,
+            ``'softplus'``, ``'leaky_relu'`` (negative slope 0.01, Chen &
+            Campbell's) or ``'leaky_relu:<slope>'`` (e.g. ``'leaky_relu:0.2'``,
+            R-GAP's).
+
+    Returns:
+        A function of one array built only from ``jnp`` / ``jax.nn`` ops.
+
+    Raises:
+        ValueError: unknown name or unreadable slope.
+    """
+    _check_activation(spec, "activation")
+    slope = _leaky_slope(spec)
+    if slope is not None:
+        return functools.partial(jax.nn.leaky_relu, negative_slope=slope)
+    return _ACTIVATIONS[spec]
+
+
+# --------------------------------------------------------------------------- #
+# Initialisation
+# --------------------------------------------------------------------------- #
+
+
+def _torch_uniform(fan_in: int) -> Callable[..., Array]:
+    """PyTorch's default init: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: PRNGKeyArray, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        # Drawn flat, then reshaped: the same distribution, and on CPU a flat draw
+        # compiles several times faster than an N-d one (eager init compiles once per shape).
+        flat = jax.random.uniform(key, (math.prod(shape),), dtype, minval=-bound, maxval=bound)
+        return flat.reshape(shape)
+
+    return init
+
+
+# --------------------------------------------------------------------------- #
+# The module
+# --------------------------------------------------------------------------- #
+
+
+class ZooNet(nn.Module):
+    """Convolutions, flatten, hidden dense layers, dense head; one activation after each.
+
+    .. math::
+
+        h_0 = x - s, \\quad h_{i+1} = \\sigma_i(W_i * h_i + b_i), \\quad
+        f(x) = \\sigma_L(W_L \\operatorname{vec}(h_L) + b_L)
+
+    Build it with :func:`make_cnn` (custom variants) or :func:`build` (the zoo).
+    Parameter names are linen's defaults: ``Conv_0, Conv_1, ...`` then
+    ``Dense_0, ...``; the last ``Dense_*`` is the head.
+
+    Attributes:
+        convs: ``(out_channels, kernel, stride, padding)`` per convolution
+            (square kernels and strides, symmetric padding).
+        activations: one activation string per layer (convs, then hidden dense
+            layers, then the head); see :func:`activation`.
+        num_classes: width of the head.
+        hidden: widths of dense layers between the flatten and the head.
+        conv_bias: whether the convolutions have biases.
+        hidden_bias: whether the hidden dense layers have biases.
+        head_bias: whether the head has a bias.
+        shift: subtracted from the input first (0.5 maps ``[0, 1]`` images to
+            the papers' ``[-0.5, 0.5]``); ``0.0`` adds no operation.
+    """
+
+    convs: tuple[tuple[int, int, int, int], ...]
+    activations: tuple[str, ...]
+    num_classes: int
+    hidden: tuple[int, ...] = ()
+    conv_bias: bool = False
+    hidden_bias: bool = False
+    head_bias: bool = True
+    shift: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B K"]:
+        if x.ndim != 4:
+            raise ValueError(
+                f"ZooNet expects NHWC images of shape (batch, height, width, channels); got "
+                f"shape {x.shape}. Add a batch axis with x[None]."
+            )
+        acts = iter(self.activations)
+        if self.shift != 0.0:
+            x = x - self.shift
+        for out_channels, kernel, stride, padding in self.convs:
+            fan_in = x.shape[-1] * kernel * kernel
+            x = nn.Conv(
+                out_channels,
+                (kernel, kernel),
+                strides=(stride, stride),
+                padding=((padding, padding), (padding, padding)),
+                use_bias=self.conv_bias,
+                kernel_init=_torch_uniform(fan_in),
+                bias_init=_torch_uniform(fan_in),
+            )(x)
+            x = activation(next(acts))(x)
+        x = x.reshape(x.shape[0], -1)
+        widths = [(w, self.hidden_bias) for w in self.hidden] + [(self.num_classes, self.head_bias)]
+        for width, bias in widths:
+            fan_in = x.shape[-1]
+            x = nn.Dense(
+                width,
+                use_bias=bias,
+                kernel_init=_torch_uniform(fan_in),
+                bias_init=_torch_uniform(fan_in),
+            )(x)
+            x = activation(next(acts))(x)
+        return x
+
+
+def _positive_int(value: Any, what: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}; got {value!r}.")
+    return int(value)
+
+
+def make_cnn(
+    convs: Sequence[tuple[int, int, int, int]],
+    activations: Sequence[str],
+    *,
+    num_classes: int,
+    conv_bias: bool = False,
+    head_bias: bool = True,
+    shift: float = 0.5,
+) -> ZooNet:
+    """A convolutional network: convs, flatten, dense head (for architecture variants).
+
+    Args:
+        convs: one ``(out_channels, kernel, stride, padding)`` per convolution;
+            kernels and strides are square, padding is symmetric
+            ``((p, p), (p, p))``. The input channels are taken from the input.
+        activations: ``len(convs) + 1`` activation strings: one after each
+            convolution, the last one applied to the logits. ``'identity'``
+            means none; see :func:`activation` for the names
+            (``'leaky_relu'`` has slope 0.01, ``'leaky_relu:0.2'`` sets it).
+        num_classes: output width of the dense head.
+        conv_bias: give the convolutions biases.
+        head_bias: give the dense head a bias.
+        shift: subtracted from the input first; 0.5 means the model takes
+            images in ``[0, 1]`` and computes on ``[-0.5, 0.5]`` like the papers.
+
+    Returns:
+        An unbound :class:`ZooNet`; initialise with ``module.init(key, x)``
+        (PyTorch-default uniform init, see the module docstring).
+
+    Raises:
+        ValueError / TypeError: malformed conv tuples, wrong number of
+            activations or unknown activation names.
+
+    Example:
+        >>> net = make_cnn([(6, 3, 1, 0)], ["tanh", "identity"], num_classes=10)
+    """
+    conv_tuples = []
+    for i, conv in enumerate(convs):
+        if not isinstance(conv, Sequence) or len(conv) != 4:
+            raise ValueError(
+                f"convs[{i}] must be a tuple (out_channels, kernel, stride, padding); got {conv!r}."
+            )
+        out_channels, kernel, stride, padding = conv
+        conv_tuples.append(
+            (
+                _positive_int(out_channels, f"convs[{i}] out_channels"),
+                _positive_int(kernel, f"convs[{i}] kernel"),
+                _positive_int(stride, f"convs[{i}] stride"),
+                _positive_int(padding, f"convs[{i}] padding", minimum=0),
+            )
+        )
+    if isinstance(activations, str):
+        raise TypeError(
+            f"activations must be a sequence of strings, not the string {activations!r}; "
+            f"write e.g. [{activations!r}, 'identity']."
+        )
+    acts = tuple(_check_activation(a, f"activations[{i}]") for i, a in enumerate(activations))
+    if len(acts) != len(conv_tuples) + 1:
+        raise ValueError(
+            f"activations needs len(convs) + 1 = {len(conv_tuples) + 1} entries (one per "
+            f"convolution, then one for the logits; 'identity' for none); got {len(acts)}."
+        )
+    return ZooNet(
+        convs=tuple(conv_tuples),
+        activations=acts,
+        num_classes=_positive_int(num_classes, "num_classes"),
+        conv_bias=bool(conv_bias),
+        head_bias=bool(head_bias),
+        shift=float(shift),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# The zoo table
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLayer:
+    """A convolution as the papers write it: ``(in, out, kernel, stride, padding)``."""
+
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    padding: int
+    bias: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseLayer:
+    """A dense layer ``in_features -> out_features``."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """Description of one zoo model (the row of the papers' table).
+
+    Attributes:
+        name: zoo name, e.g. ``'cnn3_c1'``.
+        source: the paper / code the architecture comes from.
+        input_shape: ``(H, W, C)`` of one image.
+        num_classes: output width.
+        layers: the body: convolutions, then hidden dense layers.
+        head: the final dense layer.
+        activations: one per layer of ``layers``, then one for ``head``.
+    """
+
+    name: str
+    source: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    layers: tuple[ConvLayer | DenseLayer, ...]
+    head: DenseLayer
+    activations: tuple[str, ...]
+
+
+_CHEN = "Chen & Campbell (COPA), targets.py of the authors' code"
+_RGAP = "Zhu & Blaschko, R-GAP (ICLR 2021), models/ of the R-GAP code"
+_DLG = "Zhu, Liu & Han, Deep Leakage from Gradients (NeurIPS 2019), LeNet"
+_CIFAR = (32, 32, 3)
+
+
+def _chen(name: str, convs: list[tuple[int, ...]], dense_in: int, acts: list[str]) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        source=_CHEN,
+        input_shape=_CIFAR,
+        num_classes=10,
+        layers=tuple(ConvLayer(*c, bias=False) for c in convs),
+        head=DenseLayer(dense_in, 10, bias=True),
+        activations=tuple(acts),
+    )
+
+
+_T3, _L = ["tanh"] * 3, "leaky_relu"
+_LENET = [(3, 12, 5, 2, 2), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)]
+_CNN6 = [(3, 12, 4, 2, 2), (12, 36, 3, 2, 1), (36, 36, 3, 1, 1), (36, 36, 3, 1, 1),
+         (36, 64, 3, 2, 1), (64, 128, 3, 1, 1)]  # fmt: skip
+_CNN6_D = [(3, 12, 4, 2, 2), (12, 20, 3, 2, 1), (20, 36, 3, 1, 1), (36, 36, 3, 1, 1),
+           (36, 64, 3, 2, 1), (64, 128, 3, 1, 1)]  # fmt: skip
+_R02 = "leaky_relu:0.2"
+
+_TABLE: tuple[ModelInfo, ...] = (
+    _chen("cnn2_c0", [(3, 1, 3, 2, 0)], 225, ["tanh", "tanh"]),
+    _chen("cnn2_c1", [(3, 6, 3, 1, 0)], 5400, ["tanh", "identity"]),
+    _chen("cnn2_c2", [(3, 6, 4, 2, 0)], 1350, ["tanh", "identity"]),
+    _chen("cnn2_c4", [(3, 1, 3, 1, 0)], 900, ["tanh", "tanh"]),
+    _chen("cnn2_c5", [(3, 3, 3, 1, 1)], 3072, ["tanh", "tanh"]),
+    _chen("cnn2_c6", [(3, 12, 5, 2, 0)], 2352, ["tanh", "identity"]),
+    _chen("cnn2_c11", [(3, 6, 3, 1, 0)], 5400, [_L, "sigmoid"]),
+    _chen("cnn2_c21", [(3, 6, 4, 2, 0)], 1350, [_L, "sigmoid"]),
+    _chen("cnn2_c41", [(3, 1, 3, 1, 0)], 900, [_L, "sigmoid"]),
+    _chen("cnn3_c1", [(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], 588, ["tanh", "tanh", "identity"]),
+    _chen("cnn3_c2", [(3, 6, 4, 2, 0), (6, 3, 3, 2, 0)], 147, ["tanh", "tanh", "identity"]),
+    _chen("cnn3_c3", [(3, 6, 3, 1, 0), (6, 9, 3, 1, 0)], 7056, ["tanh", "tanh", "identity"]),
+    _chen("cnn3_c4", [(3, 1, 3, 1, 0), (1, 6, 3, 1, 0)], 4704, ["tanh", "tanh", "identity"]),
+    _chen("cnn3_c6", [(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], 588, [_L, _L, "tanh"]),
+    _chen("cnn3_c7", [(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], 588, ["tanh", _L, "tanh"]),
+    _chen("cnn3_c8", [(3, 9, 3, 1, 0), (9, 3, 4, 2, 0)], 588, _T3),
+    _chen("cnn3_c9", [(3, 5, 3, 1, 0), (5, 7, 3, 1, 0)], 5488, _T3),
+    _chen("cnn3_c11", [(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], 588, [_L, _L, "sigmoid"]),
+    _chen("cnn4_c1", [(3, 6, 3, 1, 0), (6, 5, 4, 2, 0), (5, 3, 4, 1, 0)], 363, _T3 + ["identity"]),
+    _chen("cnn4_c2", [(3, 16, 5, 1, 0), (16, 6, 5, 2, 0), (6, 32, 5, 1, 2)], 4608, _T3 + ["identity"]),
+    _chen("cnn4_c3", [(3, 6, 5, 1, 0), (6, 16, 5, 2, 0), (16, 16, 5, 1, 2)], 2304, _T3 + ["identity"]),
+    ModelInfo(
+        name="lenet",
+        source="LeNet of DLG as copied by Chen & Campbell (COPA): leaky_relu(0.01), identity head",
+        input_shape=_CIFAR,
+        num_classes=10,
+        layers=tuple(ConvLayer(*c, bias=True) for c in _LENET),
+        head=DenseLayer(768, 10, bias=True),
+        activations=(_L, _L, _L, "identity"),
+    ),
+    ModelInfo(
+        name="lenet_dlg",
+        source=_DLG + " (sigmoid, CIFAR-100 head)",
+        input_shape=_CIFAR,
+        num_classes=100,
+        layers=tuple(ConvLayer(*c, bias=True) for c in _LENET),
+        head=DenseLayer(768, 100, bias=True),
+        activations=("sigmoid", "sigmoid", "sigmoid", "identity"),
+    ),
+    ModelInfo(
+        name="cnn6",
+        source=_RGAP + " (CNN6)",
+        input_shape=_CIFAR,
+        num_classes=1,
+        layers=tuple(ConvLayer(*c, bias=False) for c in _CNN6),
+        head=DenseLayer(3200, 1, bias=False),
+        activations=(_R02,) * 6 + ("identity",),
+    ),
+    ModelInfo(
+        name="cnn6_d",
+        source=_RGAP + " (CNN6-d, rank-deficient)",
+        input_shape=_CIFAR,
+        num_classes=1,
+        layers=tuple(ConvLayer(*c, bias=False) for c in _CNN6_D),
+        head=DenseLayer(3200, 1, bias=False),
+        activations=(_R02,) * 6 + ("identity",),
+    ),
+    ModelInfo(
+        name="cnn6_head10",
+        source="jaxinv variant of R-GAP's CNN6: its convs with a 10-class dense head with bias",
+        input_shape=_CIFAR,
+        num_classes=10,
+        layers=tuple(ConvLayer(*c, bias=False) for c in _CNN6),
+        head=DenseLayer(3200, 10, bias=True),
+        activations=(_R02,) * 6 + ("identity",),
+    ),
+    ModelInfo(
+        name="fcn3",
+        source=_RGAP + " (FCN3, MNIST)",
+        input_shape=(28, 28, 1),
+        num_classes=1,
+        layers=(DenseLayer(784, 1000, bias=False), DenseLayer(1000, 100, bias=False)),
+        head=DenseLayer(100, 1, bias=False),
+        activations=(_R02, _R02, _R02),
+    ),
+)
+_ZOO: dict[str, ModelInfo] = {m.name: m for m in _TABLE}
+
+
+def names() -> tuple[str, ...]:
+    """Names of the zoo models, in table order (Chen & Campbell, LeNet, R-GAP)."""
+    return tuple(_ZOO)
+
+
+def info(name: str) -> ModelInfo:
+    """The table row of a zoo model: source, input shape, layers, activations, head.
+
+    Raises:
+        ValueError: unknown name (the message lists the known names).
+    """
+    if name not in _ZOO:
+        raise ValueError(f"Unknown zoo model {name!r}; choose one of: {', '.join(_ZOO)}.")
+    return _ZOO[name]
+
+
+def input_shape(name: str) -> tuple[int, int, int]:
+    """``(H, W, C)`` of one input image: (32, 32, 3), or (28, 28, 1) for ``fcn3``."""
+    return info(name).input_shape
+
+
+def num_classes(name: str) -> int:
+    """Output width of a zoo model (1 for R-GAP's single-logit models)."""
+    return info(name).num_classes
+
+
+def _module(spec: ModelInfo) -> ZooNet:
+    convs = tuple(
+        (l.out_channels, l.kernel, l.stride, l.padding)
+        for l in spec.layers
+        if isinstance(l, ConvLayer)
+    )
+    hidden = tuple(l.out_features for l in spec.layers if isinstance(l, DenseLayer))
+    conv_bias = {l.bias for l in spec.layers if isinstance(l, ConvLayer)} == {True}
+    hidden_bias = {l.bias for l in spec.layers if isinstance(l, DenseLayer)} == {True}
+    return ZooNet(
+        convs=convs,
+        activations=spec.activations,
+        num_classes=spec.num_classes,
+        hidden=hidden,
+        conv_bias=conv_bias,
+        hidden_bias=hidden_bias,
+        head_bias=spec.head.bias,
+        shift=0.5,
+    )
+
+
+def build(
+    name: str,
+    *,
+    key: PRNGKeyArray,
+    input_shape: tuple[int, int, int] | None = None,
+) -> tuple[ZooNet, dict[str, Any]]:
+    """Build and initialise a zoo model.
+
+    Args:
+        name: one of :func:`names`.
+        key: PRNG key for the (PyTorch-default, uniform) initialisation; the
+            same key gives the same parameters.
+        input_shape: ``(H, W, C)`` to initialise for; defaults to the paper's
+            (:func:`input_shape`). Another size changes the head's width.
+
+    Returns:
+        ``(module, variables)``: the unbound linen module and the full
+        variables dict ``{'params': ...}`` from ``module.init`` on a
+        ``(1, H, W, C)`` zero input. Apply with
+        ``module.apply(variables, images)``, ``images`` NHWC in ``[0, 1]``.
+
+    Raises:
+        ValueError: unknown name, or a malformed ``input_shape``.
+    """
+    spec = info(name)
+    shape = spec.input_shape if input_shape is None else tuple(input_shape)
+    if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
+        raise ValueError(
+            f"input_shape must be (height, width, channels) of positive ints; got {input_shape!r}."
+        )
+    module = _module(spec)
+    variables = module.init(key, jnp.zeros((1, *shape), jnp.float32))
+    return module, dict(variables)
