@@ -140,9 +140,8 @@ def _head_scale(st: _Stage, leaves, u, s, v, label, loss, n_out):
 
     def misfit(c):
         d = delta(c * av + c0, label)
-        r = c * d - target
-        r2 = -c * d - target  # the SVD's sign of u is arbitrary
-        return jnp.minimum(jnp.sum(r * r), jnp.sum(r2 * r2))
+        r = c * d - target  # exact for the pair (u, v) the SVD returned: (-u, -v) flips c with it
+        return jnp.sum(r * r)
 
     mags = jnp.logspace(-4, 5, 1801, dtype=v.dtype)
     grid = jnp.concatenate([mags, -mags])
@@ -163,10 +162,6 @@ def _head_scale(st: _Stage, leaves, u, s, v, label, loss, n_out):
 
     lo, hi = jax.lax.fori_loop(0, 60, body, (lo, hi))
     c = sign * jnp.exp(0.5 * (lo + hi))
-    d = delta(c * av + c0, label)
-    # orient: the solution's delta must match +sigma*u or -sigma*u; x = c v with the matching sign
-    flip = jnp.sum((c * d - target) ** 2) > jnp.sum((-c * d - target) ** 2)
-    c = jnp.where(flip, -c, c)
     return c * v, delta(c * av + c0, label)
 
 

@@ -364,6 +364,8 @@ def _region(z: Node, x: Node, problems) -> list[Node]:
         elif n.shape != z.shape and n.dtype != jnp.bool_:
             problems.append((n, "shape change inside an activation"))
         for i in n.inputs:
+            if not i.dep_input and i.dep_params:
+                problems.append((n, "activation with learned parameters (e.g. PReLU)"))
             if i.dep_input and i not in region and i is not z:
                 problems.append((n, "activation mixes the pre-activation with another branch"))
     order = {id(n): k for k, n in enumerate(_topo(x))}
