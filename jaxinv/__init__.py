@@ -1,9 +1,11 @@
 """jaxinv: can a shared gradient be turned back into the training image, which layer makes it possible, and how
 secure is the model? Layer-wise gradient inversion (COPA, R-GAP) and security audits in JAX."""
 
+__version__ = "0.1.0"
+
 from ._activations import Activation
 from ._copa import HeadNotInvertibleError, copa
-from ._gradient import client_gradient, recover_label
+from ._gradient import client_gradient, num_labels, recover_label
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
 
@@ -18,6 +20,8 @@ __all__ = [
     "client_gradient",
     "copa",
     "recover_label",
+    "num_labels",
+    "__version__",
     "from_fn",
     "from_linen",
     "from_nnx",

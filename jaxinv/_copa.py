@@ -182,8 +182,14 @@ def _solve_layer(sys: LayerSystem, z, gW, opts: CopaOptions, *, use_forward=True
     wg = safe(ng) * opts.gradient_weight
     op = sys.operator(wf, wg, mask)
     rhs = (wf * fwd_target, wg * grd_target)
+    upcast = jax.config.jax_enable_x64 and dtype != jnp.float64
+    if upcast:  # lineax's LSMR mixes Python-float scalars into lax.select: float32 data under x64 fails there
+        f64 = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), t)  # noqa: E731
+        op = lx.FunctionLinearOperator(lambda x: f64(op.mv(x.astype(dtype))),
+                                       jax.ShapeDtypeStruct(sys.x_struct.shape, jnp.float64))
+        rhs = f64(rhs)
     sol = lx.linear_solve(op, rhs, lx.LSMR(rtol=rtol, atol=atol, max_steps=opts.max_steps), throw=False)
-    x = sol.value
+    x = sol.value.astype(dtype)
     fres = _norm(fwd_fn(x) - fwd_target) / jnp.maximum(_norm(fwd_target), jnp.finfo(dtype).tiny)
     gres = _norm(sys.gradient(x) - grd_target) / jnp.maximum(_norm(grd_target), jnp.finfo(dtype).tiny)
     if not use_forward:

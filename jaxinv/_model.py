@@ -288,7 +288,7 @@ def _analyse(model: Model, input_shape: tuple[int, ...]) -> _Structure:
     except (TypeError, ValueError) as e:
         raise ValueError(
             f"input_shape={input_shape} is inconsistent with model {model.name!r}: tracing it on a batch of "
-            f"shape {(1,) + input_shape} failed with: {e}. Pass the shape of one input without the batch axis, "
+            f"shape {(1,) + input_shape} failed with: {str(e).rstrip('.')}. Pass the shape of one input without the batch axis, "
             "e.g. input_shape=(32, 32, 3)"
         ) from None
     try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import numbers
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 __all__ = ["load_folder", "load_photo", "load_tfds", "photo_names", "sample_images"]
 
 # name -> how to get it from skimage.data (all files inside the scikit-image wheel).
-_PHOTOS: dict[str, Any] = {
+_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "astronaut": lambda: skimage.data.astronaut(),
     "chelsea": lambda: skimage.data.chelsea(),
     "coffee": lambda: skimage.data.coffee(),
@@ -79,7 +80,7 @@ def _to_rgb(image: np.ndarray, where: str) -> np.ndarray:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(
-            f"{where}: expected a greyscale or RGB(A) image of shape (H, W[, C]); got {image.shape}."
+            f"{where}: expected a greyscale or RGB(A) image, shape (H, W[, C]); got {image.shape}."
         )
     channels = image.shape[-1]
     if channels in (1, 2):  # grey, grey + alpha
@@ -107,7 +108,7 @@ def _check_name(name: Any) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _photo(name: str) -> np.ndarray:
     """The decoded photo, float32 RGB in [0, 1], full resolution (cached, read-only)."""
     image = _to_rgb(_PHOTOS[name](), f"photo {name!r}")
@@ -115,7 +116,7 @@ def _photo(name: str) -> np.ndarray:
     return image
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reduced(name: str, side: int) -> np.ndarray:
     """The photo block-averaged by the largest integer factor keeping its short side >= side.
 

@@ -18,6 +18,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any
 
@@ -55,6 +56,39 @@ def _check_range(data_range: Any, fn: str) -> None:
         )
 
 
+# Compiled kernels (one compilation per shape instead of one per eager op);
+# the argument checks stay outside so they raise eagerly.
+@jax.jit
+def _mse(a: Array, b: Array) -> Array:
+    return dm_pix.mse(a, b)
+
+
+@jax.jit
+def _psnr(a: Array, b: Array, data_range: Any) -> Array:
+    # dm_pix.psnr assumes R = 1: -10 log10(MSE); add 10 log10(R^2).
+    return dm_pix.psnr(a, b) + 20.0 * jnp.log10(jnp.asarray(data_range, a.dtype))
+
+
+def _gaussian_blur(z: Array, size: int = 11, sigma: float = 1.5) -> Array:
+    """Separable 'valid' Gaussian blur over H and W in z's own dtype.
+
+    The same filter as dm_pix.ssim's default, but kept in the images' dtype, so
+    that float32 images stay float32 under ``jax_enable_x64`` and strict promotion.
+    """
+    offsets = np.arange(size) - size // 2
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    weights = (weights / weights.sum()).astype(z.dtype)
+    h, w = z.shape[-3], z.shape[-2]
+    z = sum(weights[k] * z[..., k : k + h - size + 1, :, :] for k in range(size))
+    z = sum(weights[k] * z[..., k : k + w - size + 1, :] for k in range(size))
+    return z
+
+
+@jax.jit
+def _ssim(a: Array, b: Array, data_range: Any) -> Array:
+    return dm_pix.ssim(a, b, max_val=data_range, filter_fn=_gaussian_blur)
+
+
 def mse(a: Float[ArrayLike, "*B H W C"], b: Float[ArrayLike, "*B H W C"]) -> Float[Array, "*B"]:
     """Mean squared error per image.
 
@@ -68,7 +102,7 @@ def mse(a: Float[ArrayLike, "*B H W C"], b: Float[ArrayLike, "*B H W C"]) -> Flo
         ``()`` for one image, ``(B,)`` for a batch.
     """
     a, b = _pair(a, b, "mse")
-    return dm_pix.mse(a, b)
+    return _mse(a, b)
 
 
 def psnr(
@@ -100,8 +134,7 @@ def psnr(
     """
     _check_range(data_range, "psnr")
     a, b = _pair(a, b, "psnr")
-    # dm_pix.psnr assumes R = 1: -10 log10(MSE); add 10 log10(R^2).
-    return dm_pix.psnr(a, b) + 20.0 * jnp.log10(jnp.asarray(data_range, a.dtype))
+    return _psnr(a, b, data_range)
 
 
 def ssim(
@@ -137,15 +170,21 @@ def ssim(
         raise ValueError(
             f"ssim: images must be at least 11 x 11 (the Gaussian window); got {a.shape[-3:-1]}."
         )
-    return dm_pix.ssim(a, b, max_val=data_range)
+    return _ssim(a, b, data_range)
 
 
-# metric name -> (function of one pair, True if larger is better)
+# metric name -> (kernel of one pair, True if larger is better)
 _METRICS = {
-    "psnr": (psnr, True),
-    "ssim": (ssim, True),
-    "mse": (lambda a, b, data_range: mse(a, b), False),
+    "psnr": (_psnr, True),
+    "ssim": (_ssim, True),
+    "mse": (lambda a, b, data_range: _mse(a, b), False),
 }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _table(fn: Any, recon: Array, truth: Array, data_range: Any) -> Array:
+    one = lambda r, t: fn(r, t, data_range)  # noqa: E731
+    return jax.vmap(lambda r: jax.vmap(lambda t: one(r, t))(truth))(recon)
 
 
 def match(
@@ -188,15 +227,11 @@ def match(
     recon, truth = _pair(recon, truth, "match")
     if recon.ndim != 4:
         raise ValueError(
-            f"match: expects batches (B, H, W, C); got shape {recon.shape}. Use x[None] for one image."
+            f"match: expects batches (B, H, W, C); got shape {recon.shape}. Use x[None] for one."
         )
+    _check_range(data_range, "match")
     fn, larger_is_better = _METRICS[metric]
-
-    def one(r: Array, t: Array) -> Array:
-        return fn(r, t, data_range=data_range)
-
-    # table[i, j] = score(recon[i], truth[j])
-    table = jax.vmap(lambda r: jax.vmap(lambda t: one(r, t))(truth))(recon)
+    table = _table(fn, recon, truth, data_range)  # table[i, j] = score(recon[i], truth[j])
     cost = np.asarray(table, dtype=np.float64)
     big = 1e6
     cost = np.nan_to_num(cost, nan=-big if larger_is_better else big, posinf=big, neginf=-big)
@@ -205,4 +240,3 @@ def match(
     perm[cols] = rows  # truth j <- recon perm[j]
     scores = table[perm, np.arange(len(perm))]  # score(recon[perm[j]], truth[j])
     return perm, scores
-

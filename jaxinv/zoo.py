@@ -208,6 +208,12 @@ class ZooNet(nn.Module):
                 f"ZooNet expects NHWC images of shape (batch, height, width, channels); got "
                 f"shape {x.shape}. Add a batch axis with x[None]."
             )
+        n_layers = len(self.convs) + len(self.hidden) + 1
+        if len(self.activations) != n_layers:
+            raise ValueError(
+                f"ZooNet needs one activation per layer ({n_layers}: convs, hidden, head); got "
+                f"{len(self.activations)}. Use 'identity' for none."
+            )
         acts = iter(self.activations)
         if self.shift != 0.0:
             x = x - self.shift
@@ -383,6 +389,7 @@ def _chen(name: str, convs: list[tuple[int, ...]], dense_in: int, acts: list[str
 
 
 _T3, _L = ["tanh"] * 3, "leaky_relu"
+_T3I = _T3 + ["identity"]
 _LENET = [(3, 12, 5, 2, 2), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)]
 _CNN6 = [(3, 12, 4, 2, 2), (12, 36, 3, 2, 1), (36, 36, 3, 1, 1), (36, 36, 3, 1, 1),
          (36, 64, 3, 2, 1), (64, 128, 3, 1, 1)]  # fmt: skip
@@ -409,9 +416,9 @@ _TABLE: tuple[ModelInfo, ...] = (
     _chen("cnn3_c8", [(3, 9, 3, 1, 0), (9, 3, 4, 2, 0)], 588, _T3),
     _chen("cnn3_c9", [(3, 5, 3, 1, 0), (5, 7, 3, 1, 0)], 5488, _T3),
     _chen("cnn3_c11", [(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], 588, [_L, _L, "sigmoid"]),
-    _chen("cnn4_c1", [(3, 6, 3, 1, 0), (6, 5, 4, 2, 0), (5, 3, 4, 1, 0)], 363, _T3 + ["identity"]),
-    _chen("cnn4_c2", [(3, 16, 5, 1, 0), (16, 6, 5, 2, 0), (6, 32, 5, 1, 2)], 4608, _T3 + ["identity"]),
-    _chen("cnn4_c3", [(3, 6, 5, 1, 0), (6, 16, 5, 2, 0), (16, 16, 5, 1, 2)], 2304, _T3 + ["identity"]),
+    _chen("cnn4_c1", [(3, 6, 3, 1, 0), (6, 5, 4, 2, 0), (5, 3, 4, 1, 0)], 363, _T3I),
+    _chen("cnn4_c2", [(3, 16, 5, 1, 0), (16, 6, 5, 2, 0), (6, 32, 5, 1, 2)], 4608, _T3I),
+    _chen("cnn4_c3", [(3, 6, 5, 1, 0), (6, 16, 5, 2, 0), (16, 16, 5, 1, 2)], 2304, _T3I),
     ModelInfo(
         name="lenet",
         source="LeNet of DLG as copied by Chen & Campbell (COPA): leaky_relu(0.01), identity head",
@@ -497,21 +504,15 @@ def num_classes(name: str) -> int:
 
 
 def _module(spec: ModelInfo) -> ZooNet:
-    convs = tuple(
-        (l.out_channels, l.kernel, l.stride, l.padding)
-        for l in spec.layers
-        if isinstance(l, ConvLayer)
-    )
-    hidden = tuple(l.out_features for l in spec.layers if isinstance(l, DenseLayer))
-    conv_bias = {l.bias for l in spec.layers if isinstance(l, ConvLayer)} == {True}
-    hidden_bias = {l.bias for l in spec.layers if isinstance(l, DenseLayer)} == {True}
+    convs = [layer for layer in spec.layers if isinstance(layer, ConvLayer)]
+    hidden = [layer for layer in spec.layers if isinstance(layer, DenseLayer)]
     return ZooNet(
-        convs=convs,
+        convs=tuple((c.out_channels, c.kernel, c.stride, c.padding) for c in convs),
         activations=spec.activations,
         num_classes=spec.num_classes,
-        hidden=hidden,
-        conv_bias=conv_bias,
-        hidden_bias=hidden_bias,
+        hidden=tuple(d.out_features for d in hidden),
+        conv_bias=any(c.bias for c in convs),  # the table never mixes biased and unbiased
+        hidden_bias=any(d.bias for d in hidden),
         head_bias=spec.head.bias,
         shift=0.5,
     )
@@ -522,6 +523,7 @@ def build(
     *,
     key: PRNGKeyArray,
     input_shape: tuple[int, int, int] | None = None,
+    dtype: Any = jnp.float32,
 ) -> tuple[ZooNet, dict[str, Any]]:
     """Build and initialise a zoo model.
 
@@ -531,6 +533,9 @@ def build(
             same key gives the same parameters.
         input_shape: ``(H, W, C)`` to initialise for; defaults to the paper's
             (:func:`input_shape`). Another size changes the head's width.
+        dtype: floating dtype of the parameters. They are always drawn in
+            float32 and then cast, so ``jnp.float64`` (with ``jax_enable_x64``)
+            gives the same weights in double precision, e.g. for rank computations.
 
     Returns:
         ``(module, variables)``: the unbound linen module and the full
@@ -547,6 +552,9 @@ def build(
         raise ValueError(
             f"input_shape must be (height, width, channels) of positive ints; got {input_shape!r}."
         )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype such as jnp.float32; got {dtype!r}.")
     module = _module(spec)
     variables = module.init(key, jnp.zeros((1, *shape), jnp.float32))
-    return module, dict(variables)
+    variables = jax.tree.map(lambda p: p.astype(dtype), dict(variables))
+    return module, variables
