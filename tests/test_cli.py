@@ -1,0 +1,40 @@
+"""The command line: demo on bundled photos, zoo listing, clear errors with a non-zero exit."""
+
+import json
+import os
+
+import pytest
+
+from jaxinv import cli
+
+
+def test_demo_runs_and_writes_grid(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--models", "cnn2_c1", "--n", "2", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "cnn2_c1" in text and "PSNR" in text
+    res = json.loads((out / "results.json").read_text())
+    assert res[0]["model"] == "cnn2_c1" and min(res[0]["psnr"]) > 30  # determined: recovered
+    assert os.path.getsize(out / "demo_grid.png") > 1000
+
+
+def test_demo_unknown_model(capsys):
+    assert cli.main(["demo", "--models", "nope"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_zoo_lists_layers(capsys):
+    assert cli.main(["zoo", "cnn3_c1"]) == 0
+    out = capsys.readouterr().out
+    assert "conv" in out and "dense" in out and "tanh" in out
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    assert cli.main([]) == 0
+    assert "demo" in capsys.readouterr().out
