@@ -240,15 +240,18 @@ class Model(eqx.Module):
         params = self.params if params is None else params
         leaves = jax.tree_util.tree_leaves(params)
         shape = self.resolve_input_shape(None if start else tuple(x.shape[1:]))
-        stages = self.structure(shape).stages[start:]
+        return _apply_stages(self.structure(shape).stages[start:], leaves, x)
 
-        def one(xi):
-            h = xi[None]
-            for s in stages:
-                h = s(h, leaves)
-            return h[0]
 
-        return jax.vmap(one)(x)
+@eqx.filter_jit
+def _apply_stages(stages, leaves, x):
+    def one(xi):
+        h = xi[None]
+        for s in stages:
+            h = s(h, leaves)
+        return h[0]
+
+    return jax.vmap(one)(x)
 
 
 def _check_params(params):
@@ -333,12 +336,16 @@ def _analyse(model: Model, input_shape: tuple[int, ...]) -> _Structure:
 def _verify(model: Model, structure: _Structure):
     """The layers as read must reproduce the user's function (else the reading is wrong: refuse it)."""
     x = jax.random.uniform(jax.random.PRNGKey(0), (1,) + structure.input_shape, structure.dtype)
-    leaves = jax.tree_util.tree_leaves(model.params)
-    with jax.ensure_compile_time_eval():
-        ref = model.apply_fn(model.params, x)
+
+    @jax.jit  # one compilation of both (op-by-op evaluation of a whole model is far slower)
+    def both(params, x):
+        leaves = jax.tree_util.tree_leaves(params)
         h = x
         for s in structure.stages:
             h = s(h, leaves)
+        return model.apply_fn(params, x), h
+
+    ref, h = both(model.params, x)
     ref, h = np.asarray(ref, np.float64), np.asarray(h, np.float64).reshape(np.shape(ref))
     err = np.max(np.abs(ref - h)) / (np.max(np.abs(ref)) + 1e-12)
     if not np.isfinite(err) or err > 1e-3:
