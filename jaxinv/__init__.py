@@ -3,13 +3,19 @@ secure is the model? Layer-wise gradient inversion (COPA, R-GAP) and security au
 
 __version__ = "0.1.0"
 
+from . import attacks
 from ._activations import Activation
 from ._copa import HeadNotInvertibleError, copa
 from ._gradient import client_gradient, num_labels, recover_label
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
+from .attacks import ATTACKS, attack, recover_labels
 
 __all__ = [
+    "ATTACKS",
+    "attack",
+    "attacks",
+    "recover_labels",
     "Activation",
     "Layer",
     "LayerReport",

@@ -96,7 +96,8 @@ class Reconstruction(eqx.Module):
         loss_trace: for optimisation attacks, the objective every ``log_every`` steps, shape ``(B, T)``
             (``(B, 0)`` for layer-wise attacks).
         gradient_distance: relative distance ``||g(x_hat) - g|| / ||g||`` between the gradient the
-            reconstruction produces and the shared one, shape ``(B,)``: a truth-free check of the answer.
+            reconstruction produces and the shared one, one entry per shared gradient (``(T,)`` for ``T``
+            stacked targets): a truth-free check of the answer.
         seconds: wall time of the whole attack (NaN under an outer `jit`/`vmap`).
     """
 

@@ -1,0 +1,346 @@
+r"""Shared pieces of the optimisation attacks: a candidate's gradient, gradient distances, priors, the box, the loop.
+
+Notation: :math:`\theta` the model's parameters, :math:`g = \nabla_\theta \frac1B\sum_i \ell(f_\theta(x_i), y_i)`
+the shared gradient (a pytree), :math:`\hat x` a candidate batch, :math:`\hat t` its (soft) targets and
+:math:`\hat g = g(\hat x, \hat t)` the gradient the candidate produces. Every function of the first part is small,
+pure, and works on one target under ``jit`` / ``vmap``; :func:`minimise` is the one compiled loop all optimisation
+attacks run.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from typing import Any, Callable, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int, PyTree
+
+from .._gradient import _resolve_loss, check_labels, validate_grads
+from .._model import Model
+
+# ------------------------------------------------------------------------------------------------ the objectives
+
+
+def soft_cross_entropy(logits: Float[Array, "B ..."], target: Float[Array, "B K"]) -> Float[Array, ""]:
+    r"""The client's loss with soft targets, mean over the batch.
+
+    For :math:`K > 1` outputs (softmax cross-entropy), with :math:`t_i` a probability vector:
+
+    .. math:: \ell = -\frac1B \sum_i \sum_k t_{ik} \log \mathrm{softmax}(z_i)_k
+
+    For one output (binary logistic loss), with :math:`t_i \in [0, 1]`:
+
+    .. math:: \ell = \frac1B \sum_i -t_i \log\sigma(z_i) - (1 - t_i)\log(1 - \sigma(z_i))
+
+    One-hot (resp. 0/1) targets give exactly the hard-label loss the client used
+    (:func:`jaxinv._gradient.loss_fn`), so the same function serves known and unknown labels.
+
+    Args:
+        logits: model outputs, batch axis first (reshaped to ``(B, K)``).
+        target: ``(B, K)`` probabilities, or ``(B, 1)`` values in ``[0, 1]`` for one output.
+
+    Returns:
+        The scalar loss.
+    """
+    z = logits.reshape(logits.shape[0], -1)
+    t = target.reshape(z.shape).astype(z.dtype)
+    if z.shape[-1] == 1:
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(z, t))
+    return jnp.mean(-jnp.sum(t * jax.nn.log_softmax(z, axis=-1), axis=-1))
+
+
+def hard_targets(labels: Int[Array, " B"], num_outputs: int, dtype=jnp.float32) -> Float[Array, "B K"]:
+    """Integer labels as the targets of :func:`soft_cross_entropy`: one-hot rows, or 0/1 for one output."""
+    if num_outputs == 1:
+        return labels.reshape(-1, 1).astype(dtype)
+    return jax.nn.one_hot(labels, num_outputs, dtype=dtype)
+
+
+def candidate_gradient(
+    apply_fn: Callable, params: PyTree, x: Float[Array, "B *shape"], target: Float[Array, "B K"]
+) -> list[Array]:
+    r"""The gradient a candidate batch would share: :math:`\hat g = \nabla_\theta\, \ell(f_\theta(\hat x), \hat t)`.
+
+    Differentiable in ``x`` and ``target`` (the attacks differentiate through it: second order).
+
+    Args:
+        apply_fn: the model's ``apply_fn(params, x)``.
+        params: the parameters (the point the client differentiated at).
+        x: candidate inputs, batch axis first.
+        target: soft targets (:func:`soft_cross_entropy`).
+
+    Returns:
+        The gradient's leaves, in ``jax.tree_util`` order of ``params``.
+    """
+    g = jax.grad(lambda p: soft_cross_entropy(apply_fn(p, x), target))(params)
+    return jax.tree_util.tree_leaves(g)
+
+
+def _dot(a: list[Array], b: list[Array]) -> Array:
+    return sum(jnp.vdot(u, v) for u, v in zip(a, b))
+
+
+def l2_distance(g_hat: list[Array], g: list[Array]) -> Float[Array, ""]:
+    r"""DLG's gradient distance, the squared L2 norm over all leaves (Zhu et al. 2019, eq. 4):
+
+    .. math:: D(\hat g, g) = \sum_{\text{leaves}} \|\hat g - g\|_2^2
+    """
+    return sum(jnp.sum((u - v) ** 2) for u, v in zip(g_hat, g))
+
+
+def cosine_distance(g_hat: list[Array], g: list[Array]) -> Float[Array, ""]:
+    r"""Geiping et al.'s gradient distance, one minus the cosine similarity of the concatenated leaves:
+
+    .. math:: D(\hat g, g) = 1 - \frac{\langle \hat g, g\rangle}{\|\hat g\|\,\|g\|}
+
+    (all leaves at once, as ``inversefed``'s ``sim`` cost with all indices). In ``[0, 2]``; scale-invariant, so it
+    matches the gradient's direction, not its magnitude. A zero gradient counts as orthogonal (distance 1).
+    """
+    tiny = jnp.finfo(jnp.result_type(*g)).tiny
+    num = _dot(g_hat, g)
+    den = jnp.sqrt(_dot(g_hat, g_hat)) * jnp.sqrt(_dot(g, g))
+    return 1.0 - num / jnp.maximum(den, tiny)
+
+
+def relative_distance(g_hat: list[Array], g: list[Array]) -> Float[Array, ""]:
+    r"""The truth-free check every attack reports: :math:`\|\hat g - g\|_2 / \|g\|_2` over all leaves."""
+    tiny = jnp.finfo(jnp.result_type(*g)).tiny
+    return jnp.sqrt(l2_distance(g_hat, g)) / jnp.maximum(jnp.sqrt(_dot(g, g)), tiny)
+
+
+def total_variation(x: Float[Array, "B *shape"]) -> Float[Array, ""]:
+    r"""Anisotropic total variation, mean absolute difference of neighbours along each spatial axis:
+
+    .. math:: \mathrm{TV}(x) = \sum_{a \in \text{spatial}} \operatorname{mean} |x_{\cdot, i+1_a} - x_{\cdot, i}|
+
+    For NHWC images the spatial axes are H and W (Geiping et al.: ``mean|dx| + mean|dy|``). Inputs without spatial
+    axes (``(B, D)``, dense models) have no neighbours: TV is 0.
+    """
+    total = jnp.zeros((), x.dtype)
+    for axis in range(1, x.ndim - 1):
+        if x.shape[axis] > 1:
+            total = total + jnp.mean(jnp.abs(jnp.diff(x, axis=axis)))
+    return total
+
+
+def project_box(x: Array, box: tuple[float, float] | None) -> Array:
+    r"""Euclidean projection onto the input box :math:`[lo, hi]^n` (clipping); ``None`` is no constraint."""
+    if box is None:
+        return x
+    return jnp.clip(x, box[0], box[1])
+
+
+def random_image(key, shape: tuple[int, ...], box: tuple[float, float] | None, dtype) -> Array:
+    """A random starting candidate: uniform in the box, or standard normal when there is none (DLG's ``randn``)."""
+    if box is None:
+        return jax.random.normal(key, shape, dtype)
+    return jax.random.uniform(key, shape, dtype, minval=box[0], maxval=box[1])
+
+
+# -------------------------------------------------------------------------------------------------------- the loop
+
+
+class LoopResult(NamedTuple):
+    """What :func:`minimise` returns (one run).
+
+    Attributes:
+        params: the best evaluated iterate (lowest finite objective).
+        value: its objective.
+        trace: the objective every ``log_every`` steps, ``(ceil(max_steps / log_every),)``; NaN after an early stop.
+        steps: iterations run.
+    """
+
+    params: PyTree
+    value: Array
+    trace: Array
+    steps: Array
+
+
+def minimise(
+    step: Callable[[Any, Array], tuple[Any, Array, PyTree]],
+    init: Any,
+    params0: PyTree,
+    *,
+    max_steps: int,
+    log_every: int,
+    tol: float,
+    window: int,
+    callback: Callable | None = None,
+) -> LoopResult:
+    r"""The optimisation loop of every attack: one ``lax.while_loop``, stopped early on convergence.
+
+    ``step(carry, i) -> (carry, value, params)`` does one iteration and returns the objective ``value`` at the
+    iterate ``params`` it evaluated (before its update). The loop keeps the best evaluated iterate, logs the
+    objective every ``log_every`` steps (and calls ``callback(step, value)`` there through
+    ``jax.debug.callback``), and stops when
+
+    * ``max_steps`` iterations have run, or
+    * the objective has converged: every ``window`` steps, the relative change
+      :math:`|f_{i} - f_{i-\text{window}}| / |f_{i-\text{window}}|` is below ``tol`` (``tol=0`` disables it), or
+    * the objective is not finite (a diverged step; the best finite iterate is returned).
+
+    Args:
+        step: one iteration.
+        init: the initial carry.
+        params0: the initial iterate (shape template of the best iterate).
+        max_steps, log_every, tol, window, callback: see above.
+
+    Returns:
+        A :class:`LoopResult`.
+    """
+    n_log = -(-max_steps // log_every)
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params0))
+    inf = jnp.asarray(jnp.inf, dtype)
+
+    def cond(s):
+        i, _, _, _, _, _, done = s
+        return (i < max_steps) & ~done
+
+    def body(s):
+        i, carry, best, best_val, trace, ref, _ = s
+        carry, val, x = step(carry, i)
+        val = val.astype(dtype)
+        finite = jnp.isfinite(val)
+        better = finite & (val < best_val)
+        best = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), x, best)
+        best_val = jnp.where(better, val, best_val)
+        logged = i % log_every == 0
+        slot = i // log_every
+        trace = trace.at[slot].set(jnp.where(logged, val, trace[slot]))
+        if callback is not None:
+            # Under vmap (restarts, stacked targets) the cond becomes a select and runs every step: filter on host.
+            def host(step_, value):
+                if int(step_) % log_every == 0:
+                    callback(int(step_), float(value))
+
+            jax.lax.cond(logged, lambda: jax.debug.callback(host, i, val), lambda: None)
+        check = (i + 1) % window == 0
+        rel = jnp.abs(val - ref) / jnp.maximum(jnp.abs(ref), jnp.finfo(dtype).tiny)
+        converged = check & (tol > 0) & (rel < tol)
+        ref = jnp.where(check, val, ref)
+        return i + 1, carry, best, best_val, trace, ref, converged | ~finite
+
+    s0 = (jnp.asarray(0, jnp.int32), init, params0, inf, jnp.full((n_log,), jnp.nan, dtype), inf,
+          jnp.asarray(False))
+    i, _, best, best_val, trace, _, _ = jax.lax.while_loop(cond, body, s0)
+    return LoopResult(best, best_val, trace, i)
+
+
+# ------------------------------------------------------------------------------------------- the common setup
+
+
+class Problem(eqx.Module):
+    """A validated attack problem (what every optimisation attack starts from).
+
+    Attributes:
+        gleaves: the shared gradient's leaves (with a leading target axis when ``stacked``).
+        labels: given labels, ``(B,)`` per target (``(T, B)`` when stacked), or ``None``.
+        input_shape: one input's shape.
+        num_outputs: width of the model's output (1: logistic loss).
+        batch_size: images per shared gradient.
+        stacked: number of independent targets ``T`` stacked along a leading axis, or ``None``.
+        traced: whether the call runs under an outer transformation (then ``seconds`` is NaN).
+    """
+
+    gleaves: list
+    labels: Array | None
+    input_shape: tuple[int, ...] = eqx.field(static=True)
+    num_outputs: int = eqx.field(static=True)
+    batch_size: int = eqx.field(static=True)
+    stacked: int | None = eqx.field(static=True)
+    traced: bool = eqx.field(static=True)
+
+
+def _is_traced(*trees) -> bool:
+    return any(isinstance(l, jax.core.Tracer) for t in trees for l in jax.tree_util.tree_leaves(t))
+
+
+def check_key(key: Any, attack: str) -> None:
+    """Random-init attacks need an explicit PRNG key: eager ``ValueError`` / ``TypeError`` naming the fix."""
+    if key is None:
+        raise ValueError(
+            f"attack {attack!r} starts from a random candidate and needs a PRNG key: pass key=jax.random.key(0) "
+            "(the same key gives the same reconstruction)"
+        )
+    ok = isinstance(key, (jax.Array, np.ndarray)) and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,))
+    )
+    if not ok:
+        raise TypeError(f"key must be a JAX PRNG key such as jax.random.key(0), got {type(key).__name__} {key!r}")
+
+
+def check_int(value: Any, name: str, attack: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{attack}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def prepare(
+    model: Model,
+    grads: PyTree,
+    *,
+    label: Any,
+    input_shape: tuple[int, ...] | None,
+    key: Any,
+    batch_size: int | None,
+    loss: str,
+    attack: str,
+) -> Problem:
+    """Validate the common arguments of an optimisation attack (eager errors naming the argument and the fix)."""
+    if not isinstance(model, Model):
+        raise TypeError(
+            f"model must be a jaxinv.Model (jaxinv.from_linen / from_nnx / from_fn), got {type(model).__name__}"
+        )
+    check_key(key, attack)
+    shape = model.resolve_input_shape(input_shape)
+    gleaves, T = validate_grads(model, grads)
+    k = int(np.prod(model.output_shape(shape)))
+    _resolve_loss(loss, k)  # raises on a loss that does not fit the model
+    n_lab = 2 if k == 1 else k
+    if label is not None:
+        label = check_labels(jnp.asarray(label), n_lab)
+        if T is None:
+            label = label.reshape(-1)
+            if batch_size is None:
+                batch_size = label.shape[0]
+            if label.shape[0] != batch_size:
+                raise ValueError(
+                    f"{attack}: label has {label.shape[0]} entries but batch_size={batch_size}: pass one label per "
+                    "image of the client's batch (shape (batch_size,)), or label=None to recover them"
+                )
+        else:
+            if label.shape not in ((T,), (T, 1)):
+                raise ValueError(
+                    f"{attack}: grads stacks {T} targets (one image each), so label must have shape ({T},), got "
+                    f"{tuple(label.shape)}"
+                )
+            label = label.reshape(T, 1)
+    batch_size = 1 if batch_size is None else check_int(batch_size, "batch_size", attack)
+    if T is not None and batch_size != 1:
+        raise ValueError(
+            f"{attack}: grads stacks {T} independent targets (a leading axis on every leaf); stacked targets are "
+            f"single-image gradients, but batch_size={batch_size}. Pass one batch gradient (no extra axis) with "
+            "batch_size=B, or T single-image gradients with batch_size=1"
+        )
+    return Problem(gleaves=gleaves, labels=label, input_shape=shape, num_outputs=k, batch_size=batch_size,
+                   stacked=T, traced=_is_traced(grads, label, model.params, key))
+
+
+class Timer:
+    """Wall time of an attack (NaN when traced: inside ``jit`` there is no wall time to measure)."""
+
+    def __init__(self, traced: bool):
+        self.traced = traced
+        self.t0 = time.perf_counter()
+
+    def seconds(self, out) -> Array:
+        if self.traced:
+            return jnp.asarray(math.nan, jnp.float32)
+        jax.block_until_ready(out)
+        return jnp.asarray(time.perf_counter() - self.t0, jnp.float32)

@@ -1,0 +1,294 @@
+"""Tests of the attacks behind ``jaxinv.attack``: one conformance suite over every registered attack, the baselines'
+reconstructions on a tiny sigmoid network, label recovery, batches, and the errors of bad input.
+
+Everything runs on one tiny model (16x16x3 input, one sigmoid convolution, a 10-class dense head) so that each
+attack compiles once per option set; the options below are shared by all tests (compiled functions are reused).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinv
+from jaxinv import data, metrics, zoo
+from jaxinv._gradient import loss_fn
+from jaxinv.attacks import (
+    ATTACKS,
+    attack,
+    candidate_gradient,
+    cosine_distance,
+    l2_distance,
+    multistep_schedule,
+    project_box,
+    recover_labels,
+    relative_distance,
+    soft_cross_entropy,
+    total_variation,
+)
+
+SHAPE = (16, 16, 3)
+LABEL = 3
+RANDOM_INIT = ("dlg", "idlg", "ig")
+CALLS: list[tuple[int, float]] = []
+
+
+def _record(step, loss):
+    CALLS.append((step, loss))
+
+
+# Few steps: enough for the tiny network (DLG/iDLG converge in ~100 L-BFGS steps, IG in a few hundred).
+OPTIONS = {
+    "copa": {},
+    "rgap": {},
+    "dlg": dict(max_steps=150, log_every=10, callback=_record),
+    "idlg": dict(max_steps=150, log_every=10, callback=_record),
+    "ig": dict(max_steps=300, log_every=10, callback=_record),
+}
+
+
+@functools.cache
+def tiny():
+    """(model, image (1,16,16,3) in [0,1], grads of label 3)."""
+    net = zoo.make_cnn([(12, 5, 2, 2)], ["sigmoid", "identity"], num_classes=10, conv_bias=True)
+    variables = net.init(jax.random.key(0), jnp.zeros((1,) + SHAPE))
+    model = jaxinv.from_linen(net, variables, input_shape=SHAPE, name="tiny_sigmoid")
+    x = data.sample_images(1, size=16, key=jax.random.key(1))
+    grads = jaxinv.client_gradient(model, x, jnp.array([LABEL]))
+    return model, x, grads
+
+
+@functools.cache
+def run(name, seed=0):
+    model, _, grads = tiny()
+    return attack(name, model, grads, key=jax.random.key(seed), **OPTIONS[name])
+
+
+def test_registry_names():
+    assert set(ATTACKS) == {"copa", "rgap", "dlg", "idlg", "ig"}
+    assert isinstance(ATTACKS, tuple)
+
+
+# ------------------------------------------------------------------------------------------------ conformance
+@pytest.mark.parametrize("name", ATTACKS)
+def test_conformance(name):
+    rec = run(name)
+    assert isinstance(rec, jaxinv.Reconstruction)
+    assert rec.attack == name
+    assert rec.image.shape == (1,) + SHAPE
+    assert rec.image.dtype == jnp.float32
+    assert rec.label.shape == (1,) and jnp.issubdtype(rec.label.dtype, jnp.integer)
+    assert int(rec.label[0]) == LABEL
+    assert rec.gradient_distance.shape == (1,)
+    assert np.all(np.isfinite(rec.gradient_distance))
+    assert float(rec.gradient_distance[0]) < 0.05  # the answer reproduces the shared gradient
+    assert rec.loss_trace.ndim == 2 and rec.loss_trace.shape[0] == 1
+    assert np.isfinite(float(rec.seconds)) and float(rec.seconds) >= 0
+    if name in RANDOM_INIT:
+        assert rec.layers == ()
+        assert rec.loss_trace.shape[1] == -(-OPTIONS[name]["max_steps"] // 10)
+        assert np.isfinite(rec.loss_trace[0, 0])
+    # deterministic under the same key
+    model, _, grads = tiny()
+    again = attack(name, model, grads, key=jax.random.key(0), **OPTIONS[name])
+    np.testing.assert_array_equal(np.asarray(again.image), np.asarray(rec.image))
+    if name in RANDOM_INIT:  # a different key starts elsewhere
+        other = run(name, seed=1)
+        assert not np.array_equal(np.asarray(other.image), np.asarray(rec.image))
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_conformance_under_jit(name):
+    model, x, grads = tiny()
+    f = jax.jit(lambda m, g, k: attack(name, m, g, key=k, **OPTIONS[name]))
+    rec = f(model, grads, jax.random.key(0))
+    assert rec.image.shape == (1,) + SHAPE and rec.attack == name
+    assert int(rec.label[0]) == LABEL
+    assert np.isnan(float(rec.seconds))  # no wall time inside jit
+    assert np.all(np.isfinite(rec.gradient_distance))
+    assert float(metrics.psnr(jnp.clip(rec.image[0], 0, 1), x[0])) > 20
+
+
+@pytest.mark.parametrize("name", ["dlg", "idlg", "ig"])
+def test_reconstructs_tiny_sigmoid_net(name):
+    _, x, _ = tiny()
+    rec = run(name)
+    assert float(metrics.psnr(jnp.clip(rec.image[0], 0, 1), x[0])) > 20
+
+
+def test_rgap_is_copa_engine():
+    a, b = run("rgap"), run("copa")
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert len(a.layers) == 2
+
+
+def test_callback_every_log_every():
+    run("ig")
+    jax.effects_barrier()
+    assert CALLS, "callback never called"
+    steps = [s for s, _ in CALLS]
+    assert all(isinstance(s, int) and s % 10 == 0 for s in steps)
+    assert all(np.isfinite(v) for _, v in CALLS)
+
+
+# ----------------------------------------------------------------------------------------------------- labels
+def test_recover_label():
+    model, _, grads = tiny()
+    assert int(jaxinv.recover_label(model, grads)) == LABEL
+    np.testing.assert_array_equal(recover_labels(model, grads, 1), [LABEL])
+
+
+@pytest.mark.parametrize("labels", [[7, 1, 5, 2], [4, 4, 0, 9]])
+def test_recover_labels_batch(labels):
+    model, _, _ = tiny()
+    x = data.sample_images(4, size=16, key=jax.random.key(2))
+    grads = jaxinv.client_gradient(model, x, jnp.array(labels))
+    np.testing.assert_array_equal(recover_labels(model, grads, 4), sorted(labels))
+
+
+def test_batch_attack_ig():
+    """A batch gradient of B=2 images: image (2, ...), labels recovered, matched to the truths."""
+    model, _, _ = tiny()
+    x = data.sample_images(2, size=16, key=jax.random.key(3))
+    grads = jaxinv.client_gradient(model, x, jnp.array([6, 2]))
+    rec = attack("ig", model, grads, key=jax.random.key(0), batch_size=2, max_steps=400)
+    assert rec.image.shape == (2,) + SHAPE
+    np.testing.assert_array_equal(rec.label, [2, 6])
+    assert rec.loss_trace.shape[0] == 1 and rec.gradient_distance.shape == (1,)
+    _, scores = metrics.match(jnp.clip(rec.image, 0, 1), x)
+    assert np.all(np.asarray(scores) > 20)
+
+
+def test_stacked_targets():
+    """T single-image gradients stacked on a leading axis: T independent reconstructions."""
+    model, _, _ = tiny()
+    x = data.sample_images(2, size=16, key=jax.random.key(4))
+    gs = [jaxinv.client_gradient(model, x[i : i + 1], jnp.array([l])) for i, l in enumerate([1, 8])]
+    grads = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *gs)
+    rec = attack("idlg", model, grads, key=jax.random.key(0), max_steps=150)
+    assert rec.image.shape == (2,) + SHAPE and rec.loss_trace.shape[0] == 2
+    np.testing.assert_array_equal(rec.label, [1, 8])
+    assert np.all(np.asarray(metrics.psnr(jnp.clip(rec.image, 0, 1), x)) > 20)
+
+
+def test_any_differentiable_model():
+    """Optimisation attacks need only apply_fn (here max pooling, which the layer-wise methods cannot place);
+    label recovery needs the layers, so without them the error says to pass the label."""
+    import flax.linen as nn
+
+    class Pooled(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.max_pool(nn.sigmoid(nn.Conv(8, (3, 3))(x)), (2, 2), strides=(2, 2))
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    net = Pooled()
+    model = jaxinv.from_linen(net, net.init(jax.random.key(0), jnp.zeros((1,) + SHAPE)), input_shape=SHAPE,
+                              strict=False)
+    _, x, _ = tiny()
+    grads = jaxinv.client_gradient(model, x, jnp.array([LABEL]))
+    rec = attack("ig", model, grads, key=jax.random.key(0), label=LABEL, max_steps=300)
+    assert float(metrics.psnr(rec.image[0], x[0])) > 15
+    with pytest.raises(ValueError, match="pass label="):
+        attack("ig", model, grads, key=jax.random.key(0), max_steps=300)
+
+
+# ------------------------------------------------------------------------------------------------- objectives
+def _leaves(seed):
+    k = jax.random.split(jax.random.key(seed), 2)
+    return [jax.random.normal(k[0], (3, 4)), jax.random.normal(k[1], (5,))]
+
+
+def test_distances():
+    g, h = _leaves(0), _leaves(1)
+    assert float(cosine_distance(g, g)) == pytest.approx(0.0, abs=1e-6)
+    assert float(cosine_distance([-a for a in g], g)) == pytest.approx(2.0, abs=1e-6)
+    assert float(cosine_distance([3 * a for a in g], g)) == pytest.approx(0.0, abs=1e-6)
+    flat = lambda t: np.concatenate([np.ravel(a) for a in t])  # noqa: E731
+    cos = flat(g) @ flat(h) / np.linalg.norm(flat(g)) / np.linalg.norm(flat(h))
+    assert float(cosine_distance(h, g)) == pytest.approx(1 - cos, rel=1e-5)
+    assert float(l2_distance(h, g)) == pytest.approx(np.sum((flat(h) - flat(g)) ** 2), rel=1e-5)
+    assert float(relative_distance(h, g)) == pytest.approx(
+        np.linalg.norm(flat(h) - flat(g)) / np.linalg.norm(flat(g)), rel=1e-5)
+
+
+def test_total_variation_and_box():
+    assert float(total_variation(jnp.ones((2, 5, 5, 3)))) == 0.0
+    x = jnp.zeros((1, 2, 2, 1)).at[0, 0, 0, 0].set(1.0)  # |dH| mean = 1/2, |dW| mean = 1/2
+    assert float(total_variation(x)) == pytest.approx(1.0)
+    assert float(total_variation(jnp.arange(6.0).reshape(2, 3))) == 0.0  # no spatial axes
+    np.testing.assert_array_equal(project_box(jnp.array([-1.0, 0.5, 2.0]), (0.0, 1.0)), [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(project_box(jnp.array([-1.0, 2.0]), None), [-1.0, 2.0])
+
+
+def test_soft_targets_match_client_loss():
+    model, x, grads = tiny()
+    logits = model(x)
+    onehot = jax.nn.one_hot(jnp.array([LABEL]), 10)
+    assert float(soft_cross_entropy(logits, onehot)) == pytest.approx(
+        float(loss_fn("cross_entropy", 10)(logits, jnp.array([LABEL]))), rel=1e-6)
+    g_hat = candidate_gradient(model.apply_fn, model.params, x, onehot)
+    assert float(relative_distance(g_hat, jax.tree_util.tree_leaves(grads))) < 1e-6
+    z = jnp.array([[0.3], [-1.2]])
+    assert float(soft_cross_entropy(z, jnp.array([[1.0], [0.0]]))) == pytest.approx(
+        float(loss_fn("logistic", 1)(z, jnp.array([1, 0]))), rel=1e-6)
+
+
+def test_multistep_schedule():
+    s = multistep_schedule(0.1, 800)
+    np.testing.assert_allclose([s(0), s(299), s(300), s(500), s(700), s(799)],
+                               [0.1, 0.1, 0.01, 0.001, 0.0001, 0.0001], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+def test_unknown_attack_lists_names():
+    model, _, grads = tiny()
+    with pytest.raises(ValueError, match="copa, rgap, dlg, idlg, ig"):
+        attack("dlgg", model, grads)
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("ig", dict(max_steps=1.5), r"'max_steps'.*must be int.*accepts:.*tv_weight"),
+        ("ig", dict(tv_weight="big"), r"'tv_weight'.*must be float"),
+        ("ig", dict(box=(0.0,)), r"'box'.*tuple\[float, float\] \| None"),
+        ("ig", dict(signed=1), r"'signed'.*must be bool"),
+        ("dlg", dict(tv_weight=1e-4), r"unknown option 'tv_weight' for attack 'dlg'.*accepts:.*memory_size"),
+        ("copa", dict(batch_size=2), r"unknown option 'batch_size' for attack 'copa'.*accepts:.*forward_weight"),
+        ("copa", dict(max_steps="10"), r"'max_steps' of attack 'copa' must be int"),
+    ],
+)
+def test_bad_options(name, options, match):
+    model, _, grads = tiny()
+    with pytest.raises(TypeError, match=match):
+        attack(name, model, grads, key=jax.random.key(0), **options)
+
+
+def test_grads_mismatch():
+    model, _, grads = tiny()
+    bad = jax.tree_util.tree_map(lambda a: a, grads)
+    bad["params"]["Dense_0"]["kernel"] = bad["params"]["Dense_0"]["kernel"][:-1]
+    for name in ATTACKS:
+        with pytest.raises(ValueError, match="Dense_0/kernel"):
+            attack(name, model, bad, key=jax.random.key(0), **OPTIONS[name])
+    missing = {"params": {"Conv_0": grads["params"]["Conv_0"]}}
+    with pytest.raises(ValueError, match="structure"):
+        attack("ig", model, missing, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", RANDOM_INIT)
+def test_random_init_needs_key(name):
+    model, _, grads = tiny()
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        attack(name, model, grads)
+
+
+def test_label_batch_mismatch():
+    model, _, grads = tiny()
+    with pytest.raises(ValueError, match="batch_size"):
+        attack("ig", model, grads, key=jax.random.key(0), label=jnp.array([1, 2]), batch_size=3)
+    with pytest.raises(ValueError, match="out of range"):
+        attack("ig", model, grads, key=jax.random.key(0), label=10)
