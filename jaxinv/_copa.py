@@ -33,6 +33,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
+from ._constraints import Pullback, as_pullback, pullback_layer
 from ._gradient import check_labels, loss_fn, validate_grads
 from ._model import Model, _Stage, _Structure
 from ._operators import LayerSystem, _norm, _vdot, _with_leaf, operator_norm, solver_status
@@ -144,10 +145,19 @@ def _head_scale(st: _Stage, leaves, u, s, v, label, loss, n_out):
         return jnp.sum(r * r)
 
     mags = jnp.logspace(-4, 5, 1801, dtype=v.dtype)
-    grid = jnp.concatenate([mags, -mags])
-    vals = jax.vmap(misfit)(grid)
-    i = jnp.argmin(vals)
-    c = grid[i]
+    grid = jnp.stack([mags, -mags])  # (2, N): each sign separately
+    vals = jax.vmap(jax.vmap(misfit))(grid)
+    # The consistency equation can have two roots (R-GAP's ambiguity: e.g. c(sigmoid(ca) - 1) = k has a small and a
+    # large root). Every near-zero local minimum is a root; take the one with the smallest logit |c W v|: a large
+    # logit means a confident prediction, whose gradient would be vanishing. Without roots, the best fit.
+    left = jnp.concatenate([jnp.full((2, 1), jnp.inf, vals.dtype), vals[:, :-1]], axis=1)
+    right = jnp.concatenate([vals[:, 1:], jnp.full((2, 1), jnp.inf, vals.dtype)], axis=1)
+    tnorm = jnp.sum(target * target)
+    roots = (vals <= left) & (vals <= right) & (vals < 1e-2 * tnorm)
+    logit = jnp.abs(grid) * _norm(av)
+    flat = jnp.where(roots, logit, jnp.inf).reshape(-1)
+    i = jnp.where(jnp.any(roots), jnp.argmin(flat), jnp.argmin(vals.reshape(-1)))
+    c = grid.reshape(-1)[i]
     # refine in log-space around the best grid point (golden section)
     sign, lc = jnp.sign(c), jnp.log(jnp.abs(c))
     step = (jnp.log(mags[1]) - jnp.log(mags[0])).astype(v.dtype)
@@ -212,14 +222,29 @@ def _bias_residual(stage: _Stage, leaves, gleaves, delta):
     return _norm(gb_hat - gb) / jnp.maximum(_norm(gb), jnp.finfo(delta.dtype).tiny)
 
 
-def _report(stage, use_forward, fres, gres, bres, clipped, steps, status, seconds=jnp.nan):
+def _report(stage, use_forward, fres, gres, bres, clipped, steps, status, seconds=jnp.nan, refined=None):
     L = stage.layer
+    extra = {} if refined is None else dict(refine_steps=refined.steps, refine_objective=refined.objective,
+                                            lsq_residual=refined.lsq_residual)
     return LayerReport(
         path=L.path, kind=L.kind, unknowns=L.unknowns, forward_rows=L.forward_rows if use_forward else 0,
         gradient_rows=L.gradient_rows, forward_residual=fres, gradient_residual=gres, bias_residual=bres,
         clipped=jnp.asarray(clipped, jnp.int32), steps=steps, status=status,
-        seconds=jnp.asarray(seconds, jnp.float32),
+        seconds=jnp.asarray(seconds, jnp.float32), **extra,
     )
+
+
+def _residuals(sys: LayerSystem, x, z, gW, mask):
+    """Relative forward and gradient residuals of ``x`` (as :func:`_solve_layer` reports them)."""
+    dtype = x.dtype
+    tf = z - sys.forward_offset
+    fwd = sys.forward
+    if mask is not None:
+        tf, fwd = tf * mask, (lambda v: sys.forward(v) * mask)
+    tg = gW - sys.gradient_offset
+    fres = _norm(fwd(x) - tf) / jnp.maximum(_norm(tf), jnp.finfo(dtype).tiny)
+    gres = _norm(sys.gradient(x) - tg) / jnp.maximum(_norm(tg), jnp.finfo(dtype).tiny)
+    return fres, gres
 
 
 # -------------------------------------------------------------------------------------------------- the steps
@@ -267,8 +292,12 @@ def _label_from_delta(d, *, exact):
     return jnp.where(neg <= d.size // 2, jnp.argmin(d), jnp.argmax(d)).astype(jnp.int32)
 
 
-def _down_step(model: Model, structure: _Structure, l: int, gleaves, x_l, gx_l, opts: CopaOptions):
-    """Layer l (0-based, below the head): from ``x_l`` (its output) and ``dl/dx_l`` to ``x_{l-1}``."""
+def _down_step(model: Model, structure: _Structure, l: int, gleaves, x_l, gx_l, opts: CopaOptions,
+               pullback: Pullback | None = None):
+    """Layer l (0-based, below the head): from ``x_l`` (its output) and ``dl/dx_l`` to ``x_{l-1}``.
+
+    With ``pullback``, the least-squares solution is refined by the pull-back constraints
+    (:func:`jaxinv._constraints.pullback_layer`; for a ReLU layer also its inequality rows on inactive units)."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[l]
     act = st.activation
@@ -283,9 +312,14 @@ def _down_step(model: Model, structure: _Structure, l: int, gleaves, x_l, gx_l, 
     delta = gx_l * act.derivative(z, x_l)
     sys = LayerSystem.build(st, leaves, delta)
     x, fres, gres, steps, status = _solve_layer(sys, z, gleaves[st.nodes.kernel_leaf], opts, mask=mask)
+    refined = None
+    if pullback is not None:
+        gW = gleaves[st.nodes.kernel_leaf]
+        x, refined = pullback_layer(structure.stages, l, leaves, sys, z, gW, mask, x, pullback)
+        fres, gres = _residuals(sys, x, z, gW, mask)
     bres = _bias_residual(st, leaves, gleaves, delta)
     gx = sys.forward_transpose(delta) if l > 0 else jnp.zeros_like(x)
-    return x, gx, _report(st, True, fres, gres, bres, clipped, steps, status)
+    return x, gx, _report(st, True, fres, gres, bres, clipped, steps, status, refined=refined)
 
 
 _head_jit = eqx.filter_jit(_head_step)
@@ -309,6 +343,7 @@ def copa(
     atol: float | None = None,
     forward_weight: float = 1.0,
     gradient_weight: float = 1.0,
+    pullback: bool | Pullback = False,
     key: Any = None,
 ) -> Reconstruction:
     r"""Reconstruct the input from a single-image gradient, layer by layer (COPA / R-GAP least squares).
@@ -324,6 +359,14 @@ def copa(
             for the reported gradient distance.
         max_steps, rtol, atol: LSMR options per layer (tolerances default to 1e-6 in float32, 1e-12 in float64).
         forward_weight, gradient_weight: weights of the two constraint blocks after norm balancing.
+        pullback: refine every layer's least-squares solution below the head with the pull-back constraints
+            (Chen & Campbell 2021): the solution must be an output of the layer below (inside its activation's
+            image, pre-activation in the range of its linear map), the image must lie in the pixel box and have
+            small total variation; ReLU layers add their inequality rows. ``True`` uses the default weights;
+            pass :class:`jaxinv.Pullback` (``system``, ``range``, ``inequality``, ``tv``, ``box``, ``steps``,
+            ``lr``, ...) to change them. Each layer's refinement is one compiled Adam loop started at the
+            least-squares solution (:mod:`jaxinv._constraints`); its steps, objective and the least-squares
+            residual before it are in the layer's report. ``False`` (default): plain least squares.
         key: unused (the method is deterministic); accepted for the common attack interface.
 
     Returns:
@@ -355,6 +398,7 @@ def copa(
             label = label.reshape(())
     opts = CopaOptions(rtol=rtol, atol=atol, max_steps=max_steps, forward_weight=forward_weight,
                        gradient_weight=gradient_weight, loss=loss)
+    pb = as_pullback(pullback)
     traced = _is_traced(grads, label, model.params)
     t_start = time.perf_counter()
 
@@ -367,7 +411,11 @@ def copa(
         return out, time.perf_counter() - t0
 
     head = functools.partial(_head_jit, model, structure)
-    down = [functools.partial(_down_jit, model, structure, l) for l in range(len(structure.stages) - 1)]
+    if pb is None:
+        down = [functools.partial(_down_jit, model, structure, l) for l in range(len(structure.stages) - 1)]
+    else:
+        down = [functools.partial(_down_jit, model, structure, l, pullback=pb)
+                for l in range(len(structure.stages) - 1)]
     if T is not None:
         head = eqx.filter_vmap(head, in_axes=(0, 0 if label is not None else None, None))
         down = [eqx.filter_vmap(d, in_axes=(0, 0, 0, None)) for d in down]
