@@ -49,7 +49,7 @@ class CopaOptions(eqx.Module):
     """Solver options of the layer-wise attacks (static: a change recompiles).
 
     Attributes:
-        rtol, atol: LSMR tolerances (default: 1e-6 in float32, 1e-12 in float64).
+        rtol, atol: LSMR tolerances (default: 1e-8 in float32, 1e-13 in float64).
         max_steps: LSMR iteration cap per layer.
         forward_weight, gradient_weight: extra weights on the two blocks after norm balancing (0 drops a block:
             ``gradient_weight=0`` is the forward-only inversion, ``forward_weight=0`` the gradient-only one).
@@ -65,7 +65,9 @@ class CopaOptions(eqx.Module):
 
 
 def _tols(opts: CopaOptions, dtype):
-    base = 1e-12 if jnp.dtype(dtype) == jnp.float64 else 1e-6
+    # LSMR keeps reducing its residual estimates below the dtype's epsilon: 1e-8 in float32 gains 30-60 dB
+    # over 1e-6 on deep determined models (cnn6: 32 -> 91 dB) for ~1.5x the iterations
+    base = 1e-13 if jnp.dtype(dtype) == jnp.float64 else 1e-8
     return (opts.rtol if opts.rtol is not None else base, opts.atol if opts.atol is not None else base)
 
 
@@ -357,7 +359,7 @@ def copa(
         input_shape: shape of one input without the batch axis (default: the model's).
         loss: the client's loss (``auto``, ``cross_entropy``, ``logistic``); only used by bias-free heads and
             for the reported gradient distance.
-        max_steps, rtol, atol: LSMR options per layer (tolerances default to 1e-6 in float32, 1e-12 in float64).
+        max_steps, rtol, atol: LSMR options per layer (tolerances default to 1e-8 in float32, 1e-13 in float64).
         forward_weight, gradient_weight: weights of the two constraint blocks after norm balancing.
         pullback: refine every layer's least-squares solution below the head with the pull-back constraints
             (Chen & Campbell 2021): the solution must be an output of the layer below (inside its activation's
