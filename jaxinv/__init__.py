@@ -9,6 +9,7 @@ from ._copa import HeadNotInvertibleError, copa
 from ._gradient import client_gradient, num_labels, recover_label
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
+from ._security import LayerSecurity, SecurityReport, security
 from .attacks import ATTACKS, attack, recover_labels
 
 __all__ = [
@@ -16,6 +17,9 @@ __all__ = [
     "attack",
     "attacks",
     "recover_labels",
+    "security",
+    "SecurityReport",
+    "LayerSecurity",
     "Activation",
     "Layer",
     "LayerReport",

@@ -33,7 +33,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from ._constraints import Pullback, as_pullback, pullback_layer
+from ._constraints import Pullback, as_pullback, output_projection, pullback_layer
 from ._gradient import check_labels, loss_fn, validate_grads
 from ._model import Model, _Stage, _Structure
 from ._operators import LayerSystem, _norm, _vdot, _with_leaf, operator_norm, solver_status
@@ -236,6 +236,24 @@ def _report(stage, use_forward, fres, gres, bres, clipped, steps, status, second
     )
 
 
+def _correct(stages, l, sys: LayerSystem, x, x_lsq, z, gW, mask, opts: CopaOptions, box, below: float):
+    r"""Restore a numerically determined layer's system after a refinement.
+
+    :math:`x_c = x + d`, :math:`d` the minimum-norm least-squares solution of :math:`M d = r - M x`: the
+    refinement's row-space part is replaced by the least-squares one, its null-space part kept
+    (:math:`x_c - x_	ext{lsq} = P_	ext{null}(x - x_	ext{lsq})`). When the refinement moved (almost) only in the
+    row space, :math:`ho = \|x_c - x_	ext{lsq}\| / \|x - x_	ext{lsq}\| <` ``below``, the system pins the answer
+    down and the priors only traded exactness for smoothness: return :math:`x_c` (projected onto the box / the
+    activation's image). Otherwise the layer is underdetermined and the refined ``x`` is kept (there the
+    least-squares row-space part is where noise from the layers above is amplified, and the priors damp it).
+    Returns ``(x, LSMR steps)``."""
+    fwd = sys.forward(x) if mask is None else sys.forward(x) * mask
+    d, _, _, more, _ = _solve_layer(sys, z - fwd, gW - sys.gradient(x), opts, mask=mask)
+    xc = output_projection(stages, l, box, x.dtype)(x + d)
+    rho = _norm(x + d - x_lsq) / jnp.maximum(_norm(x - x_lsq), jnp.finfo(x.dtype).tiny)
+    return jnp.where(rho < below, xc, x), more
+
+
 def _residuals(sys: LayerSystem, x, z, gW, mask):
     """Relative forward and gradient residuals of ``x`` (as :func:`_solve_layer` reports them)."""
     dtype = x.dtype
@@ -315,9 +333,13 @@ def _down_step(model: Model, structure: _Structure, l: int, gleaves, x_l, gx_l, 
     sys = LayerSystem.build(st, leaves, delta)
     x, fres, gres, steps, status = _solve_layer(sys, z, gleaves[st.nodes.kernel_leaf], opts, mask=mask)
     refined = None
+    x_lsq = x
     if pullback is not None:
         gW = gleaves[st.nodes.kernel_leaf]
         x, refined = pullback_layer(structure.stages, l, leaves, sys, z, gW, mask, x, pullback)
+        if pullback.correct > 0:
+            x, more = _correct(structure.stages, l, sys, x, x_lsq, z, gW, mask, opts, pullback.box, pullback.correct)
+            steps = steps + more
         fres, gres = _residuals(sys, x, z, gW, mask)
     bres = _bias_residual(st, leaves, gleaves, delta)
     gx = sys.forward_transpose(delta) if l > 0 else jnp.zeros_like(x)

@@ -41,6 +41,12 @@ class LayerReport(eqx.Module):
         steps: solver iterations.
         status: 0 if the solve succeeded, else a code of :data:`STATUS_MESSAGES`.
         seconds: wall time of this layer (NaN when called under an outer `jit`/`vmap`).
+        refine_steps: optimiser iterations of the refinement after the least-squares solve (COPA's pull-back,
+            the hybrid's gradient matching); ``None`` when the layer was not refined.
+        refine_objective: the refinement's final objective (``None`` when not refined).
+        lsq_residual: relative residual of the balanced stacked system at the least-squares solution, before the
+            refinement (``forward_residual`` / ``gradient_residual`` are those of the final answer); ``None``
+            when not refined.
     """
 
     path: str = eqx.field(static=True)
@@ -55,6 +61,9 @@ class LayerReport(eqx.Module):
     steps: Int[Array, ""]
     status: Int[Array, ""]
     seconds: Float[Array, ""]
+    refine_steps: Int[Array, ""] | None = None
+    refine_objective: Float[Array, ""] | None = None
+    lsq_residual: Float[Array, ""] | None = None
 
     @property
     def message(self) -> str:
@@ -68,7 +77,7 @@ class LayerReport(eqx.Module):
             v = float(v)
             return None if math.isnan(v) else v
 
-        return {
+        out = {
             "path": self.path,
             "kind": self.kind,
             "unknowns": self.unknowns,
@@ -83,6 +92,11 @@ class LayerReport(eqx.Module):
             "message": self.message,
             "seconds": f(self.seconds),
         }
+        if self.refine_steps is not None:
+            out["refine_steps"] = int(self.refine_steps)
+            out["refine_objective"] = f(self.refine_objective)
+            out["lsq_residual"] = f(self.lsq_residual)
+        return out
 
 
 class Reconstruction(eqx.Module):

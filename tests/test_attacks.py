@@ -48,6 +48,7 @@ OPTIONS = {
     "dlg": dict(max_steps=150, log_every=10, callback=_record),
     "idlg": dict(max_steps=150, log_every=10, callback=_record),
     "ig": dict(max_steps=300, log_every=10, callback=_record),
+    "hybrid": dict(max_steps=(200, 100, 50)),
 }
 
 
@@ -69,7 +70,7 @@ def run(name, seed=0):
 
 
 def test_registry_names():
-    assert set(ATTACKS) == {"copa", "rgap", "dlg", "idlg", "ig"}
+    assert set(ATTACKS) == {"copa", "rgap", "dlg", "idlg", "ig", "hybrid"}
     assert isinstance(ATTACKS, tuple)
 
 

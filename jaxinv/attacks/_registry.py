@@ -22,6 +22,7 @@ from .._copa import copa
 from .._model import Model
 from .._result import Reconstruction
 from ._dlg import dlg, idlg
+from ._hybrid import hybrid
 from ._ig import ig
 from ._rgap import rgap
 
@@ -31,6 +32,7 @@ _REGISTRY: dict[str, Callable[..., Reconstruction]] = {
     "dlg": dlg,
     "idlg": idlg,
     "ig": ig,
+    "hybrid": hybrid,
 }
 ATTACKS: tuple[str, ...] = tuple(_REGISTRY)
 """Names of the registered attacks, for :func:`attack`."""
