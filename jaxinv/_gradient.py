@@ -175,16 +175,9 @@ def recover_label(model: Model, grads: PyTree, *, input_shape=None) -> Int[Array
     global sign: the label is the entry whose sign differs from the others. For a single logistic output the
     sign of :math:`\sigma(z) - y` gives the label.
     """
-    from ._copa import head_delta_direction  # local: avoids an import cycle
+    from ._copa import _label_from_delta, head_delta_direction  # local: avoids an import cycle
 
     structure = model.structure(input_shape)
     leaves, _ = validate_grads(model, grads, allow_batch=False)
     d, exact = head_delta_direction(structure, leaves)
-    d = d.reshape(-1)
-    if d.size == 1:
-        return jnp.where(d[0] < 0, 1, 0).astype(jnp.int32)
-    if exact:
-        return jnp.argmin(d).astype(jnp.int32)
-    # sign known only up to a global flip: the odd one out
-    neg = jnp.sum(d < 0)
-    return jnp.where(neg <= d.size // 2, jnp.argmin(d), jnp.argmax(d)).astype(jnp.int32)
+    return _label_from_delta(d.reshape(-1), exact=exact)
