@@ -32,6 +32,12 @@ projection onto the range. The image of the activation is exact by construction:
 This is what makes the pull-back useful on the papers' networks: the image prior then shapes the layer above the
 input, where the deficiency is (cnn3_c1, cnn4_c1).
 
+**Exactness.** On a layer whose system is determined the priors could only trade the exact answer for smoothness;
+the refinement is followed by one more LSMR solve that restores the system in its row space, kept when the
+refinement had moved almost only in the row space (``Pullback.correct``). **ReLU** layers add their inequality
+rows :math:`A_l x + c_l \le 0` on inactive units (hinge), and a refined ReLU output gets exact zeros where the
+auxiliary input's pre-activation is not positive (the next layer reads its active set from :math:`x > 0`).
+
 The building blocks are small and optax-like: a :class:`Term` is a pure penalty function of the decoded variables
 with a weight, :func:`compose` sums terms, and :func:`adam_refine` runs projected Adam on the sum in one compiled
 ``lax.while_loop`` (with convergence stopping). :func:`pullback_layer` assembles them for one layer of

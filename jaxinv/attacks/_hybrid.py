@@ -25,12 +25,14 @@ Differences from the reference code (documented, deliberate):
 * **Only the shared gradient is used.** The reference code computes the target gradients of the matching step
   from the true input; here they are the parts of the shared gradient (an audit must not see the input).
 * **Iterations.** The paper runs 10,000 Adam steps on the image layer, 8,000 on the layer above it and 1,000 on
-  every other layer. Our defaults are ``max_steps=(2000, 1000, 200)`` with early stopping (relative change of the
-  objective below ``tol`` over ``window`` steps) and a cosine-decayed learning rate; upper layers whose systems are
-  determined start at their exact solution and stop after one window.
-* On numerically determined layers the system is restored exactly after the matching (``correct``, one LSMR
-  solve): the TV prior and the cosine (which weighs the layers by their gradients' norms) otherwise trade some
-  residual for smoothness, which costs tens of dB on a determined layer.
+  every other layer. Our defaults are ``max_steps=(2000, 1000, 200)`` with early stopping (change of the
+  objective below ``tol`` (relative) + ``1e-10`` (absolute) over ``window`` steps) and a cosine-decayed learning
+  rate; a layer whose start already matches (objective ~0) stops after one window.
+* A layer that is determined, below layers that are all determined, keeps its least-squares solution (exact for
+  a noise-free gradient) without matching (``correct``): the TV prior and the cosine (which weighs the layers by
+  their gradients' norms) would otherwise trade exactness for smoothness, which costs tens of dB there. Below an
+  underdetermined layer the matching runs even on a determined layer: its data (the layer above's answer) are
+  only one of many consistent ones, and the image prior is what chooses among them.
 * The head is not refined: its solution is closed-form (exact with a bias, R-GAP's scalar trick without).
 * Adam's step is relative to each variable's size (the box half-width on the image, the RMS of the start on
   hidden layers), so one learning rate serves all layers.
@@ -49,12 +51,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
-from .._constraints import (Pullback, activation_box, adam_refine, as_pullback, balance_weights, box_projection,
-                            layer_system, rms_scale)
-from .._copa import CopaOptions, _correct, _down_step, _gradient_distance, _head_jit, _is_traced, _residuals
+from .._constraints import (Pullback, RefineResult, activation_box, adam_refine, as_pullback, balance_weights,
+                            box_projection, layer_system, rms_scale)
+from .._copa import CopaOptions, _down_step, _gradient_distance, _head_jit, _is_traced, _residuals, _solve_layer
 from .._gradient import check_labels, loss_fn, validate_grads
 from .._model import Model, _Structure
-from .._operators import LayerSystem
+from .._operators import LayerSystem, _norm
 from .._result import Reconstruction
 from . import _objectives as obj
 
@@ -73,8 +75,6 @@ class _HybridOptions(eqx.Module):
 
 
 def _lsq_of(sys: LayerSystem, z, gW, mask, opts: CopaOptions):
-    from .._copa import _solve_layer
-
     return _solve_layer(sys, z, gW, opts, mask=mask)[0]
 
 
@@ -106,9 +106,26 @@ def suffix_gradient(structure: _Structure, leaves, l: int, x, label, lf) -> list
     return jax.grad(loss)([leaves[i] for i in idx])
 
 
-def _hybrid_down(model: Model, structure: _Structure, l: int, gleaves, label, x_l, gx_l, opts: CopaOptions,
-                 ho: _HybridOptions, pb: Pullback | None):
-    """Layer ``l``: least squares (and pull-back), then gradient matching; returns ``(x, dl/dx, report, trace)``."""
+def null_fraction(sys: LayerSystem, mask, opts: CopaOptions):
+    r"""How underdetermined a layer's system is: :math:`\|P_\text{null} v\| / \|v\|` for a fixed probe :math:`v`
+    (one LSMR solve of :math:`M x = M v`, whose minimum-norm solution is :math:`P_\text{row} v`). About
+    :math:`\sqrt{d/n}` for deficiency :math:`d` of :math:`n` unknowns; ~0 (the solver's tolerance) when the layer is
+    determined. Returns ``(fraction, LSMR steps)``."""
+    n = math.prod(sys.x_struct.shape)
+    dtype = sys.x_struct.dtype
+    v = (jnp.cos(jnp.arange(n, dtype=dtype) * 2.399) + 0.5 * jnp.sin(jnp.arange(n, dtype=dtype) * 0.618))
+    v = v.reshape(sys.x_struct.shape)
+    p, _, _, steps, _ = _solve_layer(sys, sys.forward(v) + sys.forward_offset, sys.gradient(v) + sys.gradient_offset,
+                                     opts, mask=mask)
+    return _norm(v - p) / _norm(v), steps
+
+
+def _hybrid_down(model: Model, structure: _Structure, l: int, gleaves, label, x_l, gx_l, exact_above,
+                 opts: CopaOptions, ho: _HybridOptions, pb: Pullback | None):
+    """Layer ``l``: least squares (and pull-back), then gradient matching.
+
+    Returns ``(x, dl/dx, report, trace, exact)``: ``exact`` says that this layer and every layer above it are
+    determined (then the least-squares answer is exact and returned without matching)."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[l]
     x0, gx, rep = _down_step(model, structure, l, gleaves, x_l, gx_l, opts, pullback=pb)
@@ -143,22 +160,34 @@ def _hybrid_down(model: Model, structure: _Structure, l: int, gleaves, label, x_
         scale = rms_scale(x0)
         steps = ho.max_steps[1] if l == 1 else ho.max_steps[2]
     proj = box_projection(box)
-    res = adam_refine(objective, {"x": x0}, project=lambda p: {"x": proj(p["x"])}, steps=steps, lr=ho.lr,
-                      tol=ho.tol, window=ho.window, log_every=ho.log_every, scales={"x": scale})
+    lsmr_more = jnp.zeros((), jnp.int32)
+    if ho.correct > 0:
+        frac, lsmr_more = null_fraction(sys, mask, opts)
+        exact = exact_above & (frac < ho.correct)
+        x_exact = x0 if pb is None else _lsq_of(sys, z, gW, mask, opts)
+    else:
+        exact, x_exact = jnp.asarray(False), x0
+
+    def match(_):
+        return adam_refine(objective, {"x": x0}, project=lambda p: {"x": proj(p["x"])}, steps=steps, lr=ho.lr,
+                           tol=ho.tol, window=ho.window, log_every=ho.log_every, scales={"x": scale})
+
+    def keep(_):
+        n_log = -(-steps // ho.log_every)
+        return RefineResult({"x": proj(x_exact)}, jnp.zeros((), x0.dtype), jnp.full((n_log,), jnp.nan, x0.dtype),
+                            jnp.zeros((), jnp.int32))
+
+    res = jax.lax.cond(exact, keep, match, None)
     x = res.params["x"]
     ok = jnp.all(jnp.isfinite(x))
     x = jnp.where(ok, x, proj(x0))
-    if ho.correct > 0:
-        x_lsq = x0 if pb is None else _lsq_of(sys, z, gW, mask, opts)
-        x, more = _correct(structure.stages, l, sys, x, x_lsq, z, gW, mask, opts, ho.box, ho.correct)
-        rep = dataclasses.replace(rep, steps=rep.steps + more)
     fres, gres = _residuals(sys, x, z, gW, mask)
     lsq = rep.lsq_residual if rep.lsq_residual is not None else jnp.sqrt(sys_term.penalty({"x": x0}))
     rep = eqx.tree_at(lambda r: (r.forward_residual, r.gradient_residual), rep, (fres, gres))
     steps_run = res.steps + (0 if rep.refine_steps is None else rep.refine_steps)
-    rep = dataclasses.replace(rep, refine_steps=jnp.asarray(steps_run, jnp.int32),
+    rep = dataclasses.replace(rep, steps=rep.steps + lsmr_more, refine_steps=jnp.asarray(steps_run, jnp.int32),
                               refine_objective=res.value.astype(x.dtype), lsq_residual=lsq.astype(x.dtype))
-    return x, gx, rep, res.trace
+    return x, gx, rep, res.trace, exact
 
 
 _hybrid_jit = eqx.filter_jit(_hybrid_down)
@@ -188,7 +217,7 @@ def hybrid(
     key: Any = None,
     loss: str = "auto",
     max_steps: tuple[int, int, int] | int = (2000, 1000, 200),
-    lr: float = 0.02,
+    lr: float = 0.1,
     tv_weight: float = 0.1,
     system_weight: float = 1.0,
     box: tuple[float, float] | None = (0.0, 1.0),
@@ -226,11 +255,11 @@ def hybrid(
         box: the model's input range (``(0, 1)`` for :mod:`jaxinv.zoo`); ``None``: no box.
         pullback: start each layer's matching from COPA's pull-back refinement instead of the plain least-squares
             solution (``True`` or a :class:`jaxinv.Pullback`); its steps add to the layer's ``refine_steps``.
-        correct: on numerically determined layers, restore the system exactly after the matching: ``x + d``,
-            ``d`` the minimum-norm least-squares solution of :math:`U d = V - U x` (one LSMR solve), used when the
-            matching moved almost only in the system's row space (null-space fraction of the move below
-            ``correct``), i.e. when the layer is determined and TV could only blur an exact answer. Not in the
-            paper; ``0`` is the paper's method (see :class:`jaxinv.Pullback` ``correct``).
+        correct: a layer counts as determined when a probe vector's null-space fraction is below ``correct``
+            (:func:`null_fraction`, one LSMR solve). When a layer and every layer above it are determined, the
+            least-squares answer is exact (noise-free gradient) and is kept without matching: TV and the cosine
+            could only blur it (tens of dB on a determined network). Not in the paper; ``0`` is the paper's
+            method (always match).
         tol, window: early stop when the objective's relative change over ``window`` steps is below ``tol``.
         log_every: the objective is logged every ``log_every`` steps into ``loss_trace``.
         lsq_max_steps: LSMR iteration cap of the least-squares solves.
@@ -301,13 +330,14 @@ def hybrid(
             for l in range(len(structure.stages) - 1)]
     if T is not None:
         head = eqx.filter_vmap(head, in_axes=(0, 0 if label is not None else None, None))
-        down = [eqx.filter_vmap(d, in_axes=(0, 0, 0, 0, None)) for d in down]
+        down = [eqx.filter_vmap(d, in_axes=(0, 0, 0, 0, 0, None)) for d in down]
 
     (x, gx, lab, rep), sec = timed(head, gleaves, label, opts)
     reports = [eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32))]
     traces = []
+    exact = jnp.ones((T,) if T is not None else (), bool)  # the head's solution is exact
     for l in reversed(range(len(structure.stages) - 1)):
-        (x, gx, rep, trace), sec = timed(down[l], gleaves, lab, x, gx, opts)
+        (x, gx, rep, trace, exact), sec = timed(down[l], gleaves, lab, x, gx, exact, opts)
         reports.append(eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32)))
         traces.append(trace if T is not None else trace[None])
     B = T if T is not None else 1
