@@ -277,6 +277,25 @@ def test_minimise_early_stop():
     assert _loop_steps([1.0 / (1 + i) for i in range(100)], tol=1e-4, window=10) == 100
 
 
+def test_minimise_stop_hook():
+    def step(carry, i):
+        return carry + 3, jnp.asarray(1.0 / (1 + i)), jnp.zeros(())
+
+    res = minimise(step, jnp.zeros((), jnp.int32), jnp.zeros(()), max_steps=100, log_every=1, tol=0.0, window=10,
+                   stop=lambda c: c >= 30)
+    assert int(res.steps) == 10
+
+
+def test_dlg_evaluation_budget():
+    """``max_evaluations`` counts the line search's evaluations: far fewer iterations than ``max_steps``."""
+    model, _, grads = tiny()
+    rec = attack("dlg", model, grads, key=jax.random.key(0), max_steps=200, tol=0.0, log_every=1, max_evaluations=40)
+    iterations = int(np.isfinite(np.asarray(rec.loss_trace[0])).sum())
+    assert 5 <= iterations <= 40
+    full = attack("dlg", model, grads, key=jax.random.key(0), max_steps=iterations, tol=0.0, log_every=1)
+    np.testing.assert_allclose(rec.image, full.image, atol=1e-5)  # the same run, cut at the budget
+
+
 def test_ig_early_stop_waits_for_the_last_decay():
     """IG tests convergence only after its last learning-rate decay (7/8 of max_steps)."""
     model, _, grads = tiny()

@@ -168,6 +168,7 @@ class _DLGOptions(eqx.Module):
     window: int = eqx.field(static=True)
     log_every: int = eqx.field(static=True)
     callback: Callable | None = eqx.field(static=True)
+    max_evaluations: int | None = eqx.field(static=True, default=None)
 
 
 def _dlg_one(model: Model, gleaves, labels, key, shape, K, o: _DLGOptions):
@@ -191,13 +192,17 @@ def _dlg_one(model: Model, gleaves, labels, key, shape, K, o: _DLGOptions):
     value_and_grad = optax.value_and_grad_from_state(f)
 
     def step(carry, i):
-        z, state = carry
+        z, state, evals = carry
         value, grad = value_and_grad(z, state=state)
         updates, state = opt.update(grad, state, z, value=value, grad=grad, value_fn=f)
-        return (optax.apply_updates(z, updates), state), value, z
+        # value_and_grad_from_state reuses the line search's last evaluation (a fresh one on the first step only);
+        # each line-search step is one evaluation of the objective and its gradient.
+        evals = evals + (i == 0) + optax.tree_utils.tree_get(state, "num_linesearch_steps")
+        return (optax.apply_updates(z, updates), state, evals), value, z
 
-    res = obj.minimise(step, (z0, opt.init(z0)), z0, max_steps=o.max_steps, log_every=o.log_every, tol=o.tol,
-                       window=o.window, callback=o.callback)
+    stop = None if o.max_evaluations is None else (lambda c: c[2] >= o.max_evaluations)
+    res = obj.minimise(step, (z0, opt.init(z0), jnp.zeros((), jnp.int32)), z0, max_steps=o.max_steps,
+                       log_every=o.log_every, tol=o.tol, window=o.window, callback=o.callback, stop=stop)
     z = res.params
     if labels is None:
         lab = (z["y"][:, 0] > 0).astype(jnp.int32) if K == 1 else jnp.argmax(z["y"], axis=-1).astype(jnp.int32)
@@ -219,14 +224,16 @@ def _dlg_run(model, gleaves, labels, key, shape, K, o, stacked):
 
 
 def _dlg_attack(name, model, grads, label, input_shape, key, batch_size, loss, max_steps, memory_size, tol, window,
-                log_every, callback, recover):
+                log_every, callback, recover, max_evaluations):
     p = obj.prepare(model, grads, label=label, input_shape=input_shape, key=key, batch_size=batch_size, loss=loss,
                     attack=name)
     timer = obj.Timer(p.traced)
     o = _DLGOptions(batch_size=p.batch_size, max_steps=obj.check_int(max_steps, "max_steps", name),
                     memory_size=obj.check_int(memory_size, "memory_size", name), tol=float(tol),
                     window=obj.check_int(window, "window", name), log_every=obj.check_int(log_every, "log_every", name),
-                    callback=callback)
+                    callback=callback,
+                    max_evaluations=None if max_evaluations is None
+                    else obj.check_int(max_evaluations, "max_evaluations", name))
     labels = _labels_for(model, grads, p, p.input_shape) if recover else p.labels
     x, lab, trace, dist = _dlg_run(model, p.gleaves, labels, key, p.input_shape, p.num_outputs, o,
                                    p.stacked is not None)
@@ -249,6 +256,7 @@ def dlg(
     window: int = 25,
     log_every: int = 10,
     callback: Callable[[Array, Array], Any] | None = None,
+    max_evaluations: int | None = None,
 ) -> Reconstruction:
     r"""Deep Leakage from Gradients: L-BFGS on dummy data and a dummy soft label, squared L2 gradient distance.
 
@@ -272,6 +280,9 @@ def dlg(
         tol, window: stop when the objective's relative change over ``window`` steps is below ``tol``.
         log_every: objective logged (and ``callback(step, loss)`` called) every ``log_every`` steps.
         callback: optional host callback ``(step, loss) -> None`` (via ``jax.debug.callback``).
+        max_evaluations: optional budget of objective-and-gradient evaluations (line-search steps included):
+            the run stops after the iteration that reaches it. For comparisons at equal cost with attacks that
+            evaluate once per step (IG, hybrid).
 
     Returns:
         A :class:`jaxinv.Reconstruction`: ``image`` ``(B, *input_shape)`` (``(T, ...)`` for stacked targets),
@@ -286,7 +297,7 @@ def dlg(
         L. Zhu, Z. Liu, S. Han. Deep Leakage from Gradients. NeurIPS 2019.
     """
     return _dlg_attack("dlg", model, grads, label, input_shape, key, batch_size, loss, max_steps, memory_size, tol,
-                       window, log_every, callback, recover=False)
+                       window, log_every, callback, recover=False, max_evaluations=max_evaluations)
 
 
 def idlg(
@@ -304,6 +315,7 @@ def idlg(
     window: int = 25,
     log_every: int = 10,
     callback: Callable[[Array, Array], Any] | None = None,
+    max_evaluations: int | None = None,
 ) -> Reconstruction:
     r"""Improved DLG: the label from the head's gradient, then DLG on the data only.
 
@@ -319,4 +331,4 @@ def idlg(
         B. Zhao, K. R. Mopuri, H. Bilen. iDLG: Improved Deep Leakage from Gradients. arXiv 2001.02610, 2020.
     """
     return _dlg_attack("idlg", model, grads, label, input_shape, key, batch_size, loss, max_steps, memory_size, tol,
-                       window, log_every, callback, recover=True)
+                       window, log_every, callback, recover=True, max_evaluations=max_evaluations)

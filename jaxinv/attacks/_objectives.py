@@ -185,6 +185,7 @@ def minimise(
     window: int,
     min_steps: int = 0,
     callback: Callable | None = None,
+    stop: Callable[[Any], Array] | None = None,
 ) -> LoopResult:
     r"""The optimisation loop of every attack: one ``lax.while_loop``, stopped early on convergence.
 
@@ -198,7 +199,8 @@ def minimise(
       relative improvement of the best objective so far over the last ``window`` steps,
       :math:`(f^\star_{i-\text{window}} - f^\star_i) / |f^\star_{i-\text{window}}|` with
       :math:`f^\star_i = \min_{j \le i} f_j`, is below ``tol`` (``tol=0`` disables it), or
-    * the objective is not finite (a diverged step; the best finite iterate is returned).
+    * the objective is not finite (a diverged step; the best finite iterate is returned), or
+    * ``stop(carry)`` is true after a step (e.g. a budget of function evaluations is spent).
 
     The test uses the best value so far, not the current one, because the current one of a stochastic-looking
     optimiser (IG's signed Adam oscillates at a fixed learning rate) can return to an earlier value by chance;
@@ -209,6 +211,7 @@ def minimise(
     Args:
         step: one iteration.
         init: the initial carry.
+        stop: optional predicate of the carry that ends the loop (checked after each step).
         params0: the initial iterate (shape template of the best iterate).
         max_steps, log_every, tol, window, min_steps, callback: see above.
 
@@ -245,7 +248,10 @@ def minimise(
         rel = (ref - best_val) / jnp.maximum(jnp.abs(ref), jnp.finfo(dtype).tiny)  # NaN while ref is inf: no stop
         converged = check & (i + 1 >= min_steps) & (tol > 0) & (rel < tol)
         ref = jnp.where(check, best_val, ref)
-        return i + 1, carry, best, best_val, trace, ref, converged | ~finite
+        halt = converged | ~finite
+        if stop is not None:
+            halt = halt | stop(carry)
+        return i + 1, carry, best, best_val, trace, ref, halt
 
     s0 = (jnp.asarray(0, jnp.int32), init, params0, inf, jnp.full((n_log,), jnp.nan, dtype), inf,
           jnp.asarray(False))
