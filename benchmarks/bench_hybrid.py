@@ -294,8 +294,10 @@ def relu_table(names, n, quick):
 # ------------------------------------------------------------------------------------------------------ report
 def markdown(res) -> str:
     L = ["# Pull-back, hybrid and ReLU benchmark", "",
-         f"float32; PSNR standard, images clipped to [0, 1], data range 1; {res['machine']}. Total wall time "
-         f"{res['seconds_total']:.0f} s (shared machine: other jobs were running).", ""]
+         f"float32; PSNR standard, images clipped to [0, 1], data range 1; {res['machine']}. Wall time per part: "
+         + ", ".join(f"{k} {v:.0f} s" for k, v in res.get("seconds", {}).items() if v is not None)
+         + " (2-core machine, shared with other work: ratios within a row are side by side, absolute times noisy).",
+         ""]
     if res["seed"]:
         n = res["seed"][0]["n_images"]
         L += [f"## (a) underdetermined seed architectures: mean PSNR over {n} photos (SSIM), seconds for the batch",
@@ -355,7 +357,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--parts", default="seed,reference,relu")
+    ap.add_argument("--parts", default="seed,reference,relu",
+                    help="comma-separated parts to run; the other parts are kept from an existing output file")
     args = ap.parse_args(argv)
     n = 2 if args.quick else args.n
     parts = args.parts.split(",")
@@ -367,9 +370,17 @@ def main(argv=None):
     res["reference"] = reference_table(args.quick) if "reference" in parts else []
     res["relu"] = relu_table(("wide_relu", "cnn3_c3_relu") if args.quick else tuple(RELU_MODELS), n, args.quick) \
         if "relu" in parts else []
-    res["seconds_total"] = time.perf_counter() - t0
+    res["seconds"] = {p: time.perf_counter() - t0 for p in parts}
     os.makedirs(OUT, exist_ok=True)
     stem = "hybrid_quick" if args.quick else "hybrid"
+    path = os.path.join(OUT, f"{stem}.json")
+    if os.path.exists(path):  # a partial run keeps the other parts of the last one
+        with open(path) as f:
+            old = json.load(f)
+        for part in ("seed", "reference", "relu"):
+            if part not in parts and old.get(part):
+                res[part] = old[part]
+                res["seconds"][part] = old.get("seconds", {}).get(part, old.get("seconds_total"))
     with open(os.path.join(OUT, f"{stem}.json"), "w") as f:
         json.dump(res, f, indent=2)
     with open(os.path.join(OUT, f"{stem}.md"), "w") as f:

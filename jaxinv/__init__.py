@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 
 from . import attacks
 from ._activations import Activation
+from ._audit import AttackResult, AuditResult, LeakingLayer, audit
 from ._copa import HeadNotInvertibleError, copa
 from ._gradient import client_gradient, num_labels, recover_label
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
@@ -15,6 +16,10 @@ from .attacks import ATTACKS, attack, recover_labels
 __all__ = [
     "ATTACKS",
     "attack",
+    "audit",
+    "AuditResult",
+    "AttackResult",
+    "LeakingLayer",
     "attacks",
     "recover_labels",
     "security",

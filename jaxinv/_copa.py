@@ -242,7 +242,8 @@ def _correct(stages, l, sys: LayerSystem, x, x_lsq, z, gW, mask, opts: CopaOptio
     :math:`x_c = x + d`, :math:`d` the minimum-norm least-squares solution of :math:`M d = r - M x`: the
     refinement's row-space part is replaced by the least-squares one, its null-space part kept
     (:math:`x_c - x_	ext{lsq} = P_	ext{null}(x - x_	ext{lsq})`). When the refinement moved (almost) only in the
-    row space, :math:`ho = \|x_c - x_	ext{lsq}\| / \|x - x_	ext{lsq}\| <` ``below``, the system pins the answer
+    row space, :math:`
+ho = \|x_c - x_	ext{lsq}\| / \|x - x_	ext{lsq}\| <` ``below``, the system pins the answer
     down and the priors only traded exactness for smoothness: return :math:`x_c` (projected onto the box / the
     activation's image). Otherwise the layer is underdetermined and the refined ``x`` is kept (there the
     least-squares row-space part is where noise from the layers above is amplified, and the priors damp it).
@@ -350,6 +351,31 @@ _head_jit = eqx.filter_jit(_head_step)
 _down_jit = eqx.filter_jit(_down_step)
 
 
+def _map_targets(fn, in_axes, *args, pullback=None):
+    """``fn(*args)`` for every target: arguments with ``in_axes`` 0 are sliced along their leading axis and the
+    results stacked, by ``lax.map`` (a compiled loop, one target at a time)."""
+    if pullback is not None:
+        args = args + (pullback,)
+    batched = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
+
+    def one(b):
+        it = iter(b)
+        return fn(*(next(it) if ax == 0 else a for a, ax in zip(args, in_axes)))
+
+    return jax.lax.map(one, batched)
+
+
+_map_jit = eqx.filter_jit(_map_targets)
+
+
+def _batching_mode(batching: str) -> str:
+    if batching not in ("auto", "vmap", "map"):
+        raise ValueError(f"batching must be 'auto', 'vmap' or 'map', got {batching!r}")
+    if batching == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return batching
+
+
 # -------------------------------------------------------------------------------------------------- the entry
 def _is_traced(*trees) -> bool:
     return any(isinstance(l, jax.core.Tracer) for t in trees for l in jax.tree_util.tree_leaves(t))
@@ -368,6 +394,7 @@ def copa(
     forward_weight: float = 1.0,
     gradient_weight: float = 1.0,
     pullback: bool | Pullback = False,
+    batching: str = "auto",
     key: Any = None,
 ) -> Reconstruction:
     r"""Reconstruct the input from a single-image gradient, layer by layer (COPA / R-GAP least squares).
@@ -391,6 +418,11 @@ def copa(
             ``lr``, ...) to change them. Each layer's refinement is one compiled Adam loop started at the
             least-squares solution (:mod:`jaxinv._constraints`); its steps, objective and the least-squares
             residual before it are in the layer's report. ``False`` (default): plain least squares.
+        batching: how stacked targets are solved: ``"vmap"`` (one batched solve per layer; what accelerators
+            want), ``"map"`` (``lax.map``: one target after another inside one compiled loop, each with its own
+            number of LSMR iterations; on CPU about 2-3x faster than ``vmap``, whose batched convolutions become
+            grouped convolutions), or ``"auto"`` (``map`` on CPU, ``vmap`` elsewhere). Results agree to
+            rounding.
         key: unused (the method is deterministic); accepted for the common attack interface.
 
     Returns:
@@ -441,8 +473,15 @@ def copa(
         down = [functools.partial(_down_jit, model, structure, l, pullback=pb)
                 for l in range(len(structure.stages) - 1)]
     if T is not None:
-        head = eqx.filter_vmap(head, in_axes=(0, 0 if label is not None else None, None))
-        down = [eqx.filter_vmap(d, in_axes=(0, 0, 0, None)) for d in down]
+        mode = _batching_mode(batching)
+        if mode == "vmap":
+            head = eqx.filter_vmap(head, in_axes=(0, 0 if label is not None else None, None))
+            down = [eqx.filter_vmap(d, in_axes=(0, 0, 0, None)) for d in down]
+        else:
+            head = functools.partial(_map_jit, _head_step, (None, None, 0, 0 if label is not None else None, None),
+                                     model, structure)
+            down = [functools.partial(_map_jit, _down_step, (None, None, None, 0, 0, 0, None, None), model, structure,
+                                      l, pullback=pb) for l in range(len(structure.stages) - 1)]
 
     (x, gx, lab, rep), sec = timed(head, gleaves, label, opts)
     reports = [eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32))]

@@ -1651,41 +1651,7 @@ def security(
 
 
 # ================================================================================================ CLI
-def _load_target(target: str, input_shape, seed: int):
-    """A zoo name or ``package.module:factory`` -> (Model, input_shape)."""
-    from . import zoo
-    from ._model import from_linen
-
-    if ":" not in target:
-        if target not in zoo.names():
-            raise ValueError(f"unknown target {target!r}: give a zoo name ({', '.join(zoo.names())}) or "
-                             "package.module:factory")
-        shape = tuple(input_shape) if input_shape else zoo.input_shape(target)
-        module, variables = zoo.build(target, key=jax.random.key(seed), input_shape=shape)
-        return from_linen(module, variables, input_shape=shape, name=target), shape
-    import importlib
-    import inspect
-
-    mod_name, _, fn_name = target.partition(":")
-    try:
-        factory = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import {target!r}: {e}") from None
-    kwargs = {}
-    try:
-        if "key" in inspect.signature(factory).parameters:
-            kwargs["key"] = jax.random.key(seed)
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        pass
-    built = factory(**kwargs)
-    if isinstance(built, Model):
-        return built, tuple(input_shape) if input_shape else built.default_input_shape
-    if not (isinstance(built, tuple) and len(built) == 2):
-        raise ValueError(f"{target} must return (linen module, variables) or a jaxinv.Model, "
-                         f"got {type(built).__name__}")
-    if not input_shape:
-        raise ValueError(f"--input-shape is needed for {target} (e.g. --input-shape 32,32,3)")
-    return from_linen(built[0], built[1], input_shape=tuple(input_shape), name=fn_name), tuple(input_shape)
+from ._targets import load_target as _load_target  # noqa: E402  (zoo name or package.module:factory)
 
 
 def score_main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,20 @@
-"""Command line: ``jaxinv demo | zoo | score | attack`` (also ``python -m jaxinv``).
+"""Command line: ``jaxinv demo | zoo | score | audit | attack`` (also ``python -m jaxinv``).
 
-Exit codes: 0 success, 1 the model failed a ``--fail-under`` bar, 2 bad input (one clear line on stderr).
+* ``jaxinv audit MODEL --images DIR|bundled|tfds:NAME[:SPLIT] --n 8 --attacks copa,hybrid,ig --out report/``:
+  the security analysis plus real attacks on real images (:func:`jaxinv.audit`); writes ``report.html`` (one
+  self-contained file), ``metrics.json`` and PNG grids. ``--json`` prints the metrics JSON to stdout.
+* ``jaxinv attack NAME MODEL --images ... --n 4 --out attack/``: one attack; a PNG grid and a JSON.
+* ``jaxinv score MODEL``: the security report alone; ``jaxinv demo``; ``jaxinv zoo``.
+
+``MODEL`` is a zoo name or ``package.module:factory``: an importable callable, called with
+``key=jax.random.key(seed)`` if it has a ``key`` parameter, returning a :class:`jaxinv.Model`, ``(linen module,
+variables)`` (then ``--input-shape`` is required) or ``(linen module, variables, input_shape)``; the model takes
+NHWC images in ``[0, 1]`` (see :mod:`jaxinv._targets`).
+
+Progress goes to stderr, only when stderr is a terminal and ``CI`` is not set.
+
+Exit codes: 0 success; 1 a gate failed (``score --fail-under/--fail-over`` on the predicted score, ``audit`` /
+``attack --fail-over DB`` on the measured mean PSNR); 2 bad input (one clear line on stderr naming the argument).
 """
 
 from __future__ import annotations
@@ -11,30 +25,7 @@ import os
 import sys
 import time
 
-
-def _images_grid(rows, scale: int = 4):
-    """Stack rows of images (each (N, H, W, C) in [0, 1]) into one uint8 picture, upscaled for viewing."""
-    import numpy as np
-
-    pad = 2
-    tiles = []
-    for row in rows:
-        row = np.clip(np.asarray(row, np.float64), 0, 1)
-        if row.shape[-1] == 1:
-            row = np.repeat(row, 3, axis=-1)
-        row = np.repeat(np.repeat(row, scale, axis=1), scale, axis=2)
-        n, h, w, _ = row.shape
-        line = np.ones((h, n * (w + pad) - pad, 3))
-        for i in range(n):
-            line[:, i * (w + pad):i * (w + pad) + w] = row[i]
-        tiles.append(line)
-    width = max(t.shape[1] for t in tiles)
-    out = np.ones((sum(t.shape[0] + pad for t in tiles) - pad, width, 3))
-    y = 0
-    for t in tiles:
-        out[y:y + t.shape[0], :t.shape[1]] = t
-        y += t.shape[0] + pad
-    return (out * 255).round().astype(np.uint8)
+from .report import image_grid as _images_grid
 
 
 def demo(argv=None) -> int:
@@ -136,11 +127,359 @@ def zoo_cmd(argv=None) -> int:
     return 0
 
 
-COMMANDS = {"demo": demo, "zoo": zoo_cmd}
+# ============================================================================== audit / attack
+_MODEL_HELP = """MODEL is a zoo name (`jaxinv zoo`; PyTorch-default init from --seed) or package.module:factory, an importable
+callable (the current directory is on the path) called with key=jax.random.key(seed) if it has a `key` parameter,
+returning a jaxinv.Model (from_linen / from_nnx / from_fn, built with input_shape), (linen module, variables) (then
+--input-shape is required) or (linen module, variables, input_shape). The model takes NHWC images in [0, 1]
+(normalise inside the model)."""
+_IMAGES_HELP = ("bundled (photos shipped with scikit-image, default), a folder of .png/.jpg images, or tfds:NAME[:SPLIT] "
+                "(needs `pip install 'jaxinv[tfds]'`; its labels are used when the model has enough classes)")
+_EXIT_HELP = "exit status: 0 ok; 1 a --fail-over gate failed; 2 bad input (one line on stderr)."
+
+
+class _BadInput(Exception):
+    """A usage error: the command prints it as one line and exits with 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prog: error: ...``) and exit code 2."""
+
+    def error(self, message):  # noqa: D102
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class _Progress:
+    """A one-line progress display on stderr, off when stderr is not a terminal or ``CI`` is set."""
+
+    def __init__(self, enabled: bool | None = None, stream=None):
+        self.stream = stream or sys.stderr
+        if enabled is None:
+            enabled = (getattr(self.stream, "isatty", lambda: False)()
+                       and os.environ.get("CI", "").lower() not in ("true", "1", "yes"))
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, i: int, total: int, stage: str) -> None:
+        if not self.enabled:
+            return
+        end = "\n" if i >= total else ""
+        label = f"{i}/{total} {stage}" if i >= total else f"{i + 1}/{total} {stage} ..."
+        self.stream.write(f"\r\033[K[{time.perf_counter() - self.t0:7.1f} s] {label}{end}")
+        self.stream.flush()
+
+
+def _shape_arg(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise _BadInput(f"--input-shape must be comma-separated positive integers such as 32,32,3, got {text!r}")
+    return shape
+
+
+def _option_value(text: str):
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return text
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _options_arg(items: list[str], attacks: tuple[str, ...], qualified: bool) -> dict:
+    """``ATTACK.KEY=VALUE`` (audit) or ``KEY=VALUE`` (attack) items -> ``{attack: {key: value}}``."""
+    out: dict = {}
+    form = "ATTACK.KEY=VALUE" if qualified else "KEY=VALUE"
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise _BadInput(f"--option must be {form} (e.g. {'ig.' if qualified else ''}max_steps=200), got {item!r}")
+        if qualified:
+            att, dot, name = name.partition(".")
+            if not dot or not name or att not in attacks:
+                raise _BadInput(f"--option {item!r}: must be {form} with ATTACK one of --attacks {','.join(attacks)}")
+        else:
+            att = attacks[0]
+        out.setdefault(att, {})[name] = _option_value(value)
+    return out
+
+
+def _check_options(options: dict) -> None:
+    from .attacks._registry import check_options
+
+    for name, opts in options.items():
+        try:
+            check_options(name, opts)
+        except TypeError as e:
+            raise _BadInput(f"--option: {e}") from None
+
+
+def _common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("model", metavar="MODEL", help="zoo name or package.module:factory (see above)")
+    ap.add_argument("--images", default="bundled", help=_IMAGES_HELP)
+    ap.add_argument("--n", type=int, default=8, help="number of images (default 8: the 8 distinct bundled photos)")
+    ap.add_argument("--input-shape", default=None, help="one input without the batch axis, e.g. 32,32,3 "
+                                                       "(default: the model's)")
+    ap.add_argument("--seed", type=int, default=0, help="PRNG seed: zoo init, images, labels, attacks (default 0)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="iteration budget of the optimisation attacks: max_steps of dlg/idlg/ig, "
+                         "(N, N/2, N/10) for hybrid (default: the audit budgets: ig 1000, dlg/idlg 300, "
+                         "hybrid (500, 250, 100))")
+    ap.add_argument("--json", action="store_true", help="print the metrics JSON to stdout (instead of the table)")
+    ap.add_argument("--x64", action="store_true", help="float64 parameters and images (default float32)")
+    ap.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
+                    help="run on this JAX platform (default: JAX's default device)")
+    ap.add_argument("--fail-over", type=float, default=None, metavar="DB",
+                    help="exit 1 if an attack's mean PSNR exceeds DB (a privacy gate on the measured leakage)")
+
+
+def _prepare(args, cmd: str):
+    """Validate the shared arguments, load the model and the images: (model, shape, images, labels, source, device)."""
+    import jax
+
+    if args.n < 1:
+        raise _BadInput(f"--n must be a positive integer, got {args.n}")
+    shape = _shape_arg(args.input_shape)
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    device = None
+    if args.device:
+        try:
+            device = jax.devices(args.device)[0]
+        except RuntimeError as e:
+            raise _BadInput(f"--device {args.device}: not available ({str(e).splitlines()[0]})") from None
+    import contextlib
+
+    def ctx():
+        return jax.default_device(device) if device is not None else contextlib.nullcontext()
+
+    with ctx():
+        model, shape = _load_model(args.model, shape, args.seed, args.x64)
+        images, labels, source = _load_images(args.images, args.n, shape, args.seed)
+    import jaxinv
+
+    if labels is not None and int(labels.max()) >= jaxinv.num_labels(model, shape):
+        print(f"{cmd}: note: the dataset's labels reach {int(labels.max())} but MODEL has "
+              f"{jaxinv.num_labels(model, shape)} classes: using random labels", file=sys.stderr)
+        labels = None
+    return model, shape, images, labels, source, ctx
+
+
+def _load_model(target: str, shape, seed: int, x64: bool):
+    import jax
+
+    from ._model import Model
+    from ._targets import load_target
+
+    try:
+        model, shape = load_target(target, shape, seed)
+    except ValueError as e:  # includes UnsupportedModelError
+        raise _BadInput(f"MODEL: {e}") from None
+    if x64:
+        import jax.numpy as jnp
+
+        params = jax.tree_util.tree_map(
+            lambda a: a.astype(jnp.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, model.params)
+        model = Model(model.apply_fn, params, name=model.name, input_shape=shape, strict=model.strict)
+    return model, tuple(shape)
+
+
+def _load_images(spec: str, n: int, shape: tuple[int, ...], seed: int):
+    """``--images`` -> (images ``(n, *shape)`` in [0, 1], labels or None, source description)."""
+    import jax
+    import jax.numpy as jnp
+
+    from . import data
+
+    if len(shape) != 3 or shape[-1] not in (1, 3):
+        raise _BadInput(f"--images: MODEL must take images (H, W, C) with C = 1 or 3; its input shape is {shape}")
+    H, W, C = shape
+    size = max(H, W)
+    labels = None
+    try:
+        if spec == "bundled":
+            x = data.sample_images(n, size=size, key=jax.random.key(seed))
+            source = "bundled photos (scikit-image)"
+        elif spec.startswith("tfds:"):
+            name, _, split = spec[len("tfds:"):].partition(":")
+            if not name:
+                raise _BadInput(f"--images {spec!r}: give a dataset, e.g. tfds:cifar10 or tfds:cifar10:test")
+            x, labels = data.load_tfds(name, split=split or "train", n=n, size=size)
+            source = f"tfds {name} ({split or 'train'})"
+        else:
+            x = data.load_folder(spec, size=size, n=n)
+            source = f"folder {os.path.basename(os.path.normpath(spec)) or spec}"
+    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _BadInput(f"--images {spec!r}: {msg}") from None
+    if (H, W) != (size, size):
+        x = jnp.clip(jax.image.resize(x, (x.shape[0], H, W, x.shape[-1]), "linear"), 0.0, 1.0)
+    if C == 1:
+        x = x.mean(-1, keepdims=True)
+    return x, labels, source
+
+
+def _run(cmd: str, fn, argv) -> int:
+    """Run a command body, turning usage errors into one stderr line and exit 2."""
+    try:
+        return fn(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
+        return int(e.code or 0)
+    except _BadInput as e:
+        print(f"{cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _gate(value: float, limit: float | None, what: str) -> int:
+    if limit is not None and value == value and value > limit:
+        print(f"FAIL: {what} {value:.2f} dB is above --fail-over {limit:g} dB", file=sys.stderr)
+        return 1
+    return 0
+
+
+def audit_cmd(argv=None) -> int:
+    """Audit a model: security report plus real attacks on real images; writes a self-contained HTML report."""
+    return _run("jaxinv audit", _audit, argv)
+
+
+def _audit(argv) -> int:
+    ap = _Parser(prog="jaxinv audit", formatter_class=argparse.RawDescriptionHelpFormatter,
+                 description="Audit a model against gradient inversion: the layer-wise security analysis (ranks, "
+                             "indices, verdict, advice) and real attacks on each image's single-image gradient, "
+                             "scored against the truth. Writes OUT/report.html (self-contained), OUT/metrics.json "
+                             "and PNG grids.\n\n" + _MODEL_HELP,
+                 epilog="example: jaxinv audit cnn3_c1 --images bundled --n 4 --attacks copa,ig --steps 300 "
+                        "--out report/\n" + _EXIT_HELP)
+    _common_args(ap)
+    ap.add_argument("--attacks", default="copa,hybrid,ig",
+                    help="comma-separated attacks (jaxinv.ATTACKS: copa, rgap, dlg, idlg, ig, hybrid)")
+    ap.add_argument("--option", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                    help="an attack option, VALUE as JSON or text, e.g. ig.tv_weight=1e-4 (repeatable)")
+    ap.add_argument("--out", default="report", help="output folder (default: report)")
+    args = ap.parse_args(argv)
+
+    import jaxinv
+    from ._audit import step_options
+
+    attacks = tuple(dict.fromkeys(a.strip() for a in args.attacks.split(",") if a.strip()))
+    bad = [a for a in attacks if a not in jaxinv.ATTACKS]
+    if bad or not attacks:
+        what = f"unknown attack {bad[0]!r}" if bad else "no attack given"
+        raise _BadInput(f"--attacks: {what}; the registered attacks are: {', '.join(jaxinv.ATTACKS)}")
+    options = _options_arg(args.option, attacks, qualified=True)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise _BadInput(f"--steps must be a positive integer, got {args.steps}")
+        steps = step_options(attacks, args.steps)
+        options = {a: {**steps.get(a, {}), **options.get(a, {})} for a in attacks if a in steps or a in options}
+    _check_options(options)
+    model, shape, images, labels, source, ctx = _prepare(args, "jaxinv audit")
+    import jax
+
+    with ctx():
+        try:
+            res = jaxinv.audit(model, images, labels=labels, attacks=attacks, key=jax.random.key(args.seed),
+                               attack_options=options, input_shape=shape, progress=_Progress(), source=source)
+        except (ValueError, TypeError) as e:  # option types, labels: say which
+            raise _BadInput(str(e).splitlines()[0]) from None
+    paths = res.save(args.out)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+        print(f"wrote {paths['html']} and {paths['json']}", file=sys.stderr)
+    else:
+        print(res.table())
+        print(f"\nwrote {paths['html']}, {paths['json']} and PNG grids in {args.out}")
+    return _gate(res.best_psnr, args.fail_over, "best attack mean PSNR")
+
+
+def attack_cmd(argv=None) -> int:
+    """Run one attack on real images' single-image gradients; writes a PNG grid and a JSON."""
+    return _run("jaxinv attack", _attack, argv)
+
+
+def _attack(argv) -> int:
+    ap = _Parser(prog="jaxinv attack", formatter_class=argparse.RawDescriptionHelpFormatter,
+                 description="Run one gradient-inversion attack on the single-image gradients of real images and "
+                             "score it against them. Writes OUT/attack_NAME.png (true images on top, "
+                             "reconstructions below) and OUT/attack_NAME.json.\n\n" + _MODEL_HELP,
+                 epilog="example: jaxinv attack copa cnn2_c1 --n 4 --out attack/\n" + _EXIT_HELP)
+    ap.add_argument("name", metavar="NAME", help="the attack (jaxinv.ATTACKS: copa, rgap, dlg, idlg, ig, hybrid)")
+    _common_args(ap)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an attack option, VALUE as JSON or text, e.g. tv_weight=1e-4 (repeatable)")
+    ap.add_argument("--out", default="attack", help="output folder (default: attack)")
+    args = ap.parse_args(argv)
+
+    import jaxinv
+    from . import report
+    from ._audit import AUDIT_DEFAULTS, _jsonable, _param_dtype, run_attack, stacked_gradients, step_options
+
+    if args.name not in jaxinv.ATTACKS:
+        raise _BadInput(f"NAME: unknown attack {args.name!r}; the registered attacks are: {', '.join(jaxinv.ATTACKS)}")
+    options = dict(AUDIT_DEFAULTS.get(args.name, {}))
+    if args.steps is not None:
+        if args.steps < 1:
+            raise _BadInput(f"--steps must be a positive integer, got {args.steps}")
+        options.update(step_options((args.name,), args.steps).get(args.name, {}))
+    options.update(_options_arg(args.option, (args.name,), qualified=False).get(args.name, {}))
+    _check_options({args.name: options})
+    model, shape, images, labels, source, ctx = _prepare(args, "jaxinv attack")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    progress = _Progress()
+    key = jax.random.key(args.seed)
+    with ctx():
+        dtype = _param_dtype(model)
+        x = images.astype(dtype)
+        if labels is None:
+            labels = jax.random.randint(jax.random.fold_in(key, 1), (x.shape[0],), 0,
+                                        jaxinv.num_labels(model, shape))
+        labels = jnp.asarray(labels, jnp.int32)
+        progress(0, 2, f"gradients of {x.shape[0]} image(s)")
+        grads = stacked_gradients(model, x, labels)
+        progress(1, 2, f"attack {args.name}")
+        try:
+            res = run_attack(model, grads, x, labels, args.name, key=jax.random.fold_in(key, 2), options=options,
+                             input_shape=shape)
+        except (ValueError, TypeError) as e:
+            raise _BadInput(str(e).splitlines()[0]) from None
+        progress(2, 2, "done")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"attack_{report.slug(args.name)}")
+    if res.images is not None:
+        with open(stem + ".png", "wb") as f:
+            f.write(report.png_bytes(report.image_grid([np.asarray(x, np.float32), res.images])))
+    out = _jsonable({"jaxinv_version": jaxinv.__version__, "model": model.name, "input_shape": list(shape),
+                     "dtype": str(dtype), "source": source, "n_images": int(x.shape[0]),
+                     "true_labels": np.asarray(labels), **res.to_dict()})
+    with open(stem + ".json", "w") as f:
+        json.dump(out, f, indent=1)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    elif res.ok:
+        print(f"{args.name} on {model.name} ({x.shape[0]} image(s) from {source}): PSNR {res.mean_psnr:.2f} dB, "
+              f"SSIM {res.mean_ssim:.3f}, labels "
+              f"{'given' if res.labels_given else format(res.label_accuracy, '.0%')}, {res.seconds:.1f} s")
+        print(f"wrote {stem}.png and {stem}.json")
+    if not res.ok:
+        print(f"jaxinv attack: {args.name} could not run on {model.name}: {res.error}", file=sys.stderr)
+        return 2
+    return _gate(res.mean_psnr, args.fail_over, f"{args.name} mean PSNR")
+
+
+COMMANDS = {"demo": demo, "zoo": zoo_cmd, "audit": audit_cmd, "attack": attack_cmd}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.getcwd() not in sys.path and "" not in sys.path:  # MODEL factories import from the working directory,
+        sys.path.insert(0, os.getcwd())  # as under `python -m jaxinv` (the console script does not add it)
     commands = dict(COMMANDS)
     try:
         from ._security import score_main

@@ -1,7 +1,7 @@
 """Real images, offline: the photos bundled with scikit-image, image folders, and tfds.
 
 Every function here returns float32 images in ``[0, 1]``, shape ``(..., H, W, 3)``
-(NHWC, RGB), the range the :mod:`jaxinv.zoo` models take and :mod:`jaxinv.metrics`
+(NHWC, RGB; :func:`load_tfds` can keep a dataset's grey channel), the range the :mod:`jaxinv.zoo` models take and :mod:`jaxinv.metrics`
 scores with ``data_range=1``. Non-square images are centre-cropped to a square,
 then resized with anti-aliasing (:func:`skimage.transform.resize`).
 
@@ -20,8 +20,10 @@ Example:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import numbers
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -265,29 +267,83 @@ def load_folder(
     return jnp.asarray(np.stack(images))
 
 
-def load_tfds(
-    name: str, split: str = "train", n: int = 16, *, size: int = 32
-) -> tuple[Float[Array, "n size size 3"], Int[Array, " n"]]:
-    """The first ``n`` examples of a TensorFlow Datasets image dataset.
+def _native_channels(image: np.ndarray, where: str) -> np.ndarray:
+    """Any 2-D / 3-D image array as float32 in [0, 1], keeping grey (1 channel) or RGB (alpha dropped)."""
+    image = skimage.util.img_as_float32(np.asarray(image))
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(
+            f"{where}: expected a greyscale or RGB(A) image, shape (H, W[, C]); got {image.shape}."
+        )
+    keep = 1 if image.shape[-1] in (1, 2) else 3
+    return np.clip(image[..., :keep], 0.0, 1.0)
 
-    Needs the optional dependency: ``pip install 'jaxinv[tfds]'``. The dataset
-    is downloaded by tfds on first use (into its usual data directory).
+
+def _tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def load_tfds(
+    name: str,
+    split: str = "train",
+    n: int = 16,
+    *,
+    size: int = 32,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    rgb: bool = True,
+) -> tuple[Float[Array, "n size size C"], Int[Array, " n"]]:
+    """The first ``n`` examples of a TensorFlow Datasets image dataset, with their labels.
+
+    Needs the optional dependency ``pip install 'jaxinv[tfds]'``. The examples are
+    the first ``n`` of the split in its stored order (no shuffling), so the result is
+    a deterministic function of the arguments and of the prepared files.
+
+    Two readers, chosen by how the dataset is stored:
+
+    * datasets prepared as ``array_record`` (or ``parquet``) files are read with
+      :func:`tfds.data_source`, which needs no TensorFlow;
+    * datasets prepared as ``tfrecord`` files (tfds' default, e.g. a plain
+      ``tfds.load('cifar10')``) are read with :func:`tfds.load`, which needs
+      TensorFlow (``pip install tensorflow-cpu``). Without TensorFlow, a dataset
+      that is not prepared yet is prepared as ``array_record`` (when its builder
+      can run without TensorFlow).
+
+    Offline use: prepare the dataset once (``tfds build cifar10`` or a first call
+    with network access), then pass the same ``data_dir`` with
+    ``download=False``; nothing is fetched and a missing dataset is an error.
 
     Args:
         name: tfds name with ``(image, label)`` supervised keys, e.g.
-            ``'cifar10'``, ``'cifar100'``, ``'mnist'``.
-        split: split name (``'train'``, ``'test'``), or a slice such as
-            ``'test[100:200]'`` from which the first ``n`` are taken.
+            ``'cifar10'``, ``'cifar100'``, ``'mnist'`` (``'cifar10:3.0.2'`` pins a version).
+        split: split name (``'train'``, ``'test'``), or a tfds split expression such
+            as ``'test[100:200]'`` from which the first ``n`` are taken.
         n: number of examples.
-        size: output height and width (grey images are repeated to RGB).
+        size: output height and width (centre-cropped to a square, then resized
+            with anti-aliasing).
+        data_dir: where tfds keeps prepared datasets (tfds' default, usually
+            ``~/tensorflow_datasets``, when ``None``).
+        download: let tfds download and prepare the dataset if it is not in
+            ``data_dir``; ``False`` never touches the network.
+        rgb: repeat grey images to 3 channels (the zoo's CIFAR models take RGB);
+            ``False`` keeps the dataset's channels (1 for MNIST).
 
     Returns:
-        ``(images, labels)``: float32 ``(n, size, size, 3)`` in ``[0, 1]`` and
-        int32 ``(n,)``.
+        ``(images, labels)``: float32 ``(n, size, size, C)`` in ``[0, 1]`` (``C`` is 3,
+        or the dataset's channels when ``rgb=False``) and int32 ``(n,)``.
 
     Raises:
-        ImportError: ``tensorflow_datasets`` is not installed.
-        ValueError: the split holds fewer than ``n`` examples, or bad ``n``/``size``.
+        ImportError: ``tensorflow_datasets`` is not installed, or the dataset is
+            stored as ``tfrecord`` files and TensorFlow is not installed.
+        FileNotFoundError: ``download=False`` and the dataset is not prepared in ``data_dir``.
+        ValueError: the dataset has no ``(image, label)`` supervised keys, the split
+            holds fewer than ``n`` examples, or bad ``n``/``size``.
+
+    Example:
+        >>> x, y = data.load_tfds("cifar10", "test", 8)  # doctest: +SKIP
+        >>> x.shape, y.shape
+        ((8, 32, 32, 3), (8,))
     """
     n = _check_int(n, "n")
     size = _check_int(size, "size")
@@ -298,17 +354,74 @@ def load_tfds(
             "load_tfds needs tensorflow_datasets, an optional dependency of jaxinv: "
             "pip install 'jaxinv[tfds]'"
         ) from err
-    tfds_split = split if "[" in split else f"{split}[:{n}]"
-    dataset = tfds.load(name, split=tfds_split, as_supervised=True, shuffle_files=False)
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    # A plain split name is sliced so that tfds reads only the first n examples.
+    tfds_split = f"{split}[:{n}]" if re.fullmatch(r"\w+", split) else split
+    builder = tfds.builder(name, data_dir=data_dir)
+    where = f"tfds {name!r}" + ("" if data_dir is None else f" in {data_dir!r}")
+    if not download and not builder.is_prepared():
+        raise FileNotFoundError(
+            f"load_tfds: {where} is not prepared (looked in {str(builder.data_dir)!r}) and "
+            "download=False; prepare it once with network access (`tfds build "
+            f"{name}` or load_tfds(..., download=True)) or pass the data_dir that holds it."
+        )
+    image_key, label_key = _supervised_keys(builder.info, where)
+    known = _split_size(builder, split) if tfds_split != split else None
+    if known is not None and known < n:
+        raise ValueError(
+            f"load_tfds: split {split!r} of {where} holds only {known} examples; pass n <= {known}."
+        )
+    file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+    random_access = str(file_format) in ("array_record", "parquet")
+    if not random_access and not _tensorflow_installed() and builder.is_prepared():
+        raise ImportError(
+            f"load_tfds: {where} is stored as {file_format} files, which only TensorFlow "
+            "reads; pip install tensorflow-cpu, or prepare the dataset with "
+            "file_format='array_record' (read without TensorFlow)."
+        )
+    if random_access or not _tensorflow_installed():
+        source = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=download)
+        records = (source[i] for i in range(min(n, len(source))))
+        examples = ((record[image_key], record[label_key]) for record in records)
+    else:
+        dataset = tfds.load(
+            name,
+            split=tfds_split,
+            data_dir=data_dir,
+            download=download,
+            as_supervised=True,
+            shuffle_files=False,
+            read_config=tfds.ReadConfig(interleave_cycle_length=1),
+        )
+        examples = tfds.as_numpy(dataset)
+    convert = _to_rgb if rgb else _native_channels
     images, labels = [], []
-    for image, label in tfds.as_numpy(dataset):
-        images.append(_square_resize(_to_rgb(image, f"tfds {name!r}"), size))
+    for image, label in examples:
+        images.append(_square_resize(convert(image, where), size))
         labels.append(int(label))
         if len(images) == n:
             break
     if len(images) < n:
         raise ValueError(
-            f"load_tfds: split {tfds_split!r} of {name!r} holds only {len(images)} examples; "
+            f"load_tfds: split {tfds_split!r} of {where} holds only {len(images)} examples; "
             f"pass n <= {len(images)}."
         )
     return jnp.asarray(np.stack(images)), jnp.asarray(labels, dtype=jnp.int32)
+
+
+def _split_size(builder: Any, split: str) -> int | None:
+    """Examples in a named split of a prepared dataset; ``None`` when tfds does not know yet."""
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _supervised_keys(info: Any, where: str) -> tuple[str, str]:
+    keys = info.supervised_keys
+    if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
+        raise ValueError(
+            f"load_tfds: {where} has no (image, label) supervised keys (it has {keys!r}); "
+            "use an image classification dataset such as 'cifar10' or 'mnist'."
+        )
+    return keys

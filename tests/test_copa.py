@@ -139,6 +139,13 @@ def test_stacked_targets_equal_python_loop():
     for i in range(3):
         one = jaxinv.copa(model, gs[i], label=int(ys[i]))
         np.testing.assert_allclose(rec.image[i], one.image[0], atol=1e-4)
+    # both batching modes (lax.map: one target after another; vmap: one batched solve), label recovered too
+    for mode in ("map", "vmap"):
+        other = jaxinv.copa(model, stacked, batching=mode)
+        np.testing.assert_allclose(other.image, rec.image, atol=1e-4)
+        np.testing.assert_array_equal(other.label, ys)
+    with pytest.raises(ValueError, match="batching must be"):
+        jaxinv.copa(model, stacked, label=ys, batching="pmap")
     # vmap of copa over targets equals the stacked call
     vm = jax.vmap(lambda g, y: jaxinv.copa(model, g, label=y).image[0])(stacked, ys)
     np.testing.assert_allclose(vm, rec.image, atol=1e-4)
