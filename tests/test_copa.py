@@ -238,3 +238,36 @@ def test_non_invertible_activation_named():
     g = jaxinv.client_gradient(model, photo(), jnp.array([1]))
     with pytest.raises(ValueError, match="conv0.*gelu"):
         jaxinv.copa(model, g, label=1)
+
+
+def test_no_recompilation_when_only_the_data_changes():
+    """A second reconstruction with new images and labels (same shapes) compiles nothing: every layer's solve is
+    cached by its shapes and the model's structure (counted with jax.monitoring's compile events)."""
+    model = make(DETERMINED, [jnp.tanh, ident])
+    compiles = []
+
+    def listener(name, secs, **kw):
+        if "backend_compile" in name:
+            compiles.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        def run(names, ys):
+            xs = np.concatenate([photo(n) for n in names])
+            gs = [jaxinv.client_gradient(model, xs[i:i + 1], jnp.array(ys[i:i + 1])) for i in range(len(ys))]
+            stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *gs)
+            n0 = len(compiles)
+            rec = jaxinv.copa(model, stacked, label=jnp.array(ys))
+            jax.block_until_ready(rec.image)
+            return len(compiles) - n0, rec, xs
+
+        first, _, _ = run(("astronaut", "chelsea"), [0, 3])
+        again, rec, xs = run(("coffee", "rocket"), [1, 2])
+        assert first > 0 and again == 0
+        assert min(psnr(rec.image[i:i + 1], xs[i:i + 1]) for i in range(2)) > 30
+    finally:
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is None:  # older jax
+            from jax._src import monitoring
+            unregister = monitoring._unregister_event_duration_listener_by_callback
+        unregister(listener)
