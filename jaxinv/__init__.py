@@ -6,11 +6,13 @@ __version__ = "0.1.0"
 from . import attacks
 from ._activations import Activation
 from ._audit import AttackResult, AuditResult, LeakingLayer, audit
+from ._constraints import Pullback
 from ._copa import HeadNotInvertibleError, copa
 from ._gradient import client_gradient, num_labels, recover_label
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
 from ._security import LayerSecurity, SecurityReport, security
+from ._sharding import shard_targets, target_mesh
 from .attacks import ATTACKS, attack, recover_labels
 
 __all__ = [
@@ -34,6 +36,9 @@ __all__ = [
     "HeadNotInvertibleError",
     "client_gradient",
     "copa",
+    "Pullback",
+    "shard_targets",
+    "target_mesh",
     "recover_label",
     "num_labels",
     "__version__",

@@ -1,11 +1,12 @@
 """The tutorial notebooks in notebooks/ run top to bottom, offline, and print what their text says they show.
 
-Each notebook is executed with nbclient in a fresh kernel of this interpreter (checked), in a temporary working
-directory, with ``JAXINV_NB_FAST=1`` (fewer images, shorter budgets). Then the numbers it printed are read back and
+Each notebook is executed with nbclient in a fresh kernel of this interpreter (a ``python3`` kernelspec pinned to
+``sys.executable`` comes first on ``JUPYTER_PATH``, so a stray user kernelspec cannot win; checked from inside the
+kernel), in a temporary working directory, with ``JAXINV_NB_FAST=1`` (fewer images, shorter budgets). Then the numbers it printed are read back and
 checked against what is true of the models: a determined network is inverted exactly, a deficient one is not.
 """
 
-import os
+import json
 import re
 import sys
 from pathlib import Path
@@ -42,6 +43,11 @@ def run(path, workdir, monkeypatch):
     """Execute a copy of the notebook in workdir; returns (printed text, number of images shown, executable)."""
     book = nbformat.read(path, as_version=4)
     book.cells.append(nbformat.v4.new_code_cell("import sys; print('KERNEL-EXECUTABLE', sys.executable)"))
+    spec = workdir / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(workdir / "jupyter"))
     monkeypatch.setenv("JAXINV_NB_FAST", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
