@@ -67,13 +67,3 @@ def shard_targets(tree: PyTree, mesh: Mesh | None = None) -> PyTree:
                          f"or a mesh of a divisor of {T} devices (jaxinv.target_mesh(jax.devices()[:k]))")
     sharding = NamedSharding(mesh, PartitionSpec(TARGETS))
     return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
-
-
-def spans_devices(tree: PyTree) -> bool:
-    """Whether any array leaf of ``tree`` is split over more than one device."""
-    for leaf in jax.tree_util.tree_leaves(tree):
-        sh = getattr(leaf, "sharding", None)
-        if sh is not None and not isinstance(leaf, jax.core.Tracer) and len(sh.device_set) > 1 \
-                and not sh.is_fully_replicated:
-            return True
-    return False

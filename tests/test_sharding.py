@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
     ref = jaxinv.copa(model, one[0], label=one[1], batching="vmap")
     gs, ys = jaxinv.shard_targets((g, y))
     assert len(gs["params"]["Conv_0"]["kernel"].sharding.device_set) == 4
-    rec = jaxinv.copa(model, gs, label=ys)  # auto: vmap, because the targets are split
+    rec = jaxinv.copa(model, gs, label=ys)  # vmap keeps the targets split
     assert len(rec.image.sharding.device_set) == 4 and not rec.image.sharding.is_fully_replicated, rec.image.sharding
     diff = float(np.abs(np.asarray(rec.image) - np.asarray(ref.image)).max())
     from jaxinv import metrics
