@@ -53,7 +53,8 @@ from jaxtyping import Array, Int, PyTree
 
 from .._constraints import (Pullback, RefineResult, activation_box, adam_refine, as_pullback, balance_weights,
                             box_projection, layer_system, rms_scale)
-from .._copa import CopaOptions, _down_step, _gradient_distance, _head_jit, _is_traced, _residuals, _solve_layer
+from .._copa import (CopaOptions, _down_step, _gradient_distance, _head_jit, _is_traced, _residuals, _solve_layer,
+                     relu_active)
 from .._gradient import check_labels, loss_fn, validate_grads
 from .._model import Model, _Structure
 from .._operators import LayerSystem, _norm
@@ -131,6 +132,8 @@ def _hybrid_down(model: Model, structure: _Structure, l: int, gleaves, label, x_
     x0, gx, rep = _down_step(model, structure, l, gleaves, x_l, gx_l, opts, pullback=pb)
     # the layer's system again (the same arrays as inside _down_step), for the c * ||Ux - V||^2 term
     act = st.activation
+    if act.name == "relu":
+        x_l = relu_active(x_l)
     z, _ = act.inverse(x_l)
     mask = (x_l > 0).astype(x_l.dtype) if act.name == "relu" else None
     delta = gx_l * act.derivative(z, x_l)
