@@ -170,6 +170,26 @@ def test_relu_network_uses_active_units():
     assert psnr(rec.image, x) > 25
 
 
+@pytest.mark.slow
+def test_two_relu_layers_read_the_active_set_above_noise():
+    """Two wide ReLU layers, each determined on its active rows: the lower layer's active set is read from the
+    upper layer's reconstruction, whose inactive units come back as solver noise around 0 (read as active, they
+    would be wrong equations)."""
+    model = make([(12, 3, 1, 1), (16, 3, 1, 1)], [jax.nn.relu, jax.nn.relu, ident], key=4)
+    x = photo("chelsea")
+    g = jaxinv.client_gradient(model, x, jnp.array([1]))
+    rec = jaxinv.copa(model, g, label=1)
+    assert psnr(rec.image, x) > 40
+    assert all(float(r.forward_residual) < 1e-4 for r in rec.layers[:-1])
+
+
+def test_relu_active_zeroes_only_noise():
+    from jaxinv._copa import relu_active
+
+    x = jnp.array([2.0, 1e-3, 3e-9, -4e-9, 0.0, -1.0], jnp.float32)
+    np.testing.assert_allclose(relu_active(x), [2.0, 1e-3, 0.0, 0.0, 0.0, 0.0], rtol=1e-6, atol=0)
+
+
 def test_clipping_is_counted():
     model = make(DETERMINED, [jnp.tanh, ident])
     x = photo("astronaut")
