@@ -385,6 +385,16 @@ def _map_targets(fn, in_axes, *args, pullback=None):
 _map_jit = eqx.filter_jit(_map_targets)
 
 
+def _timed(traced: bool, fn, *args):
+    """``(fn(*args), wall seconds)``; NaN seconds under a trace (nothing to wait for)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    if traced:
+        return out, jnp.nan
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - t0
+
+
 def _batching_mode(batching: str) -> str:
     if batching not in ("auto", "vmap", "map"):
         raise ValueError(f"batching must be 'auto', 'vmap' or 'map', got {batching!r}")
@@ -476,13 +486,7 @@ def copa(
     traced = _is_traced(grads, label, model.params)
     t_start = time.perf_counter()
 
-    def timed(fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        if traced:
-            return out, jnp.nan
-        jax.block_until_ready(out)
-        return out, time.perf_counter() - t0
+    timed = functools.partial(_timed, traced)
 
     head = functools.partial(_head_jit, model, structure)
     if pb is None:

@@ -75,8 +75,8 @@ def _check_key(key: Any) -> None:
         raise TypeError(f"key must be a JAX PRNG key such as jax.random.key(0); got {key!r}.")
 
 
-def _to_rgb(image: np.ndarray, where: str) -> np.ndarray:
-    """Any 2-D / 3-D image array as float32 RGB in [0, 1] (alpha dropped, grey repeated)."""
+def _as_float_image(image: np.ndarray, where: str) -> np.ndarray:
+    """Any 2-D / 3-D image array as float32 ``(H, W, C)`` with ``C`` in 1..4, values scaled by dtype."""
     image = skimage.util.img_as_float32(np.asarray(image))
     if image.ndim == 2:
         image = image[..., None]
@@ -84,6 +84,12 @@ def _to_rgb(image: np.ndarray, where: str) -> np.ndarray:
         raise ValueError(
             f"{where}: expected a greyscale or RGB(A) image, shape (H, W[, C]); got {image.shape}."
         )
+    return image
+
+
+def _to_rgb(image: np.ndarray, where: str) -> np.ndarray:
+    """Any 2-D / 3-D image array as float32 RGB in [0, 1] (alpha dropped, grey repeated)."""
+    image = _as_float_image(image, where)
     channels = image.shape[-1]
     if channels in (1, 2):  # grey, grey + alpha
         image = np.repeat(image[..., :1], 3, axis=-1)
@@ -269,13 +275,7 @@ def load_folder(
 
 def _native_channels(image: np.ndarray, where: str) -> np.ndarray:
     """Any 2-D / 3-D image array as float32 in [0, 1], keeping grey (1 channel) or RGB (alpha dropped)."""
-    image = skimage.util.img_as_float32(np.asarray(image))
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(
-            f"{where}: expected a greyscale or RGB(A) image, shape (H, W[, C]); got {image.shape}."
-        )
+    image = _as_float_image(image, where)
     keep = 1 if image.shape[-1] in (1, 2) else 3
     return np.clip(image[..., :keep], 0.0, 1.0)
 

@@ -54,7 +54,7 @@ from jaxtyping import Array, Int, PyTree
 from .._constraints import (Pullback, RefineResult, activation_box, adam_refine, as_pullback, balance_weights,
                             box_projection, layer_system, rms_scale)
 from .._copa import (CopaOptions, _down_step, _gradient_distance, _head_jit, _is_traced, _residuals, _solve_layer,
-                     relu_active)
+                     _timed, relu_active)
 from .._gradient import check_labels, loss_fn, validate_grads
 from .._model import Model, _Structure
 from .._operators import LayerSystem, _norm
@@ -320,13 +320,7 @@ def hybrid(
     traced = _is_traced(grads, label, model.params)
     t_start = time.perf_counter()
 
-    def timed(fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        if traced:
-            return out, jnp.nan
-        jax.block_until_ready(out)
-        return out, time.perf_counter() - t0
+    timed = functools.partial(_timed, traced)
 
     head = functools.partial(_head_jit, model, structure)
     down = [functools.partial(_hybrid_jit, model, structure, l, ho=ho, pb=pb)
