@@ -12,6 +12,7 @@ from ._gradient import client_gradient, num_labels, recover_label
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
 from ._security import LayerSecurity, SecurityReport, security
+from ._sweep import sweep
 from ._sharding import shard_targets, target_mesh
 from .attacks import ATTACKS, attack, recover_labels
 

@@ -125,6 +125,14 @@ class _Cache:
     def __init__(self):
         self.structures: dict = {}
 
+    def __getstate__(self):
+        # the traced structures hold JAX primitives, which must not be copied into another process (a copy is a
+        # different primitive without differentiation rules): a pickled model re-traces itself where it lands
+        return {}
+
+    def __setstate__(self, state):
+        self.structures = {}
+
 
 class UnsupportedModelError(ValueError):
     """The model contains operations the layer-wise methods cannot place (listed in the message)."""

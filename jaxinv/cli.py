@@ -291,7 +291,6 @@ def _load_model(target: str, shape, seed: int, x64: bool):
 def _load_images(spec: str, n: int, shape: tuple[int, ...], seed: int):
     """``--images`` -> (images ``(n, *shape)`` in [0, 1], labels or None, source description)."""
     import jax
-    import jax.numpy as jnp
 
     from . import data
 
@@ -316,11 +315,7 @@ def _load_images(spec: str, n: int, shape: tuple[int, ...], seed: int):
     except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _BadInput(f"--images {spec!r}: {msg}") from None
-    if (H, W) != (size, size):
-        x = jnp.clip(jax.image.resize(x, (x.shape[0], H, W, x.shape[-1]), "linear"), 0.0, 1.0)
-    if C == 1:
-        x = x.mean(-1, keepdims=True)
-    return x, labels, source
+    return data.fit_images(x, shape), labels, source
 
 
 def _run(cmd: str, fn, argv) -> int:

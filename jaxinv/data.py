@@ -37,7 +37,7 @@ import skimage.transform
 import skimage.util
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-__all__ = ["load_folder", "load_photo", "load_tfds", "photo_names", "sample_images"]
+__all__ = ["fit_images", "load_folder", "load_photo", "load_tfds", "photo_names", "sample_images"]
 
 # name -> how to get it from skimage.data (all files inside the scikit-image wheel).
 _PHOTOS: dict[str, Callable[[], np.ndarray]] = {
@@ -218,6 +218,29 @@ def sample_images(n: int, *, size: int = 32, key: PRNGKeyArray) -> Float[Array, 
         left = min(int(u[3] * (w - side + 1)), w - side)
         images.append(_resize(photo[top : top + side, left : left + side], size))
     return jnp.asarray(np.stack(images))
+
+
+def fit_images(images: Float[Array, "n h w c"], input_shape: tuple[int, ...]) -> Float[Array, "n *input_shape"]:
+    """Square ``[0, 1]`` images ``(n, s, s, 1 or 3)`` resized (bilinear) and converted to a model's input
+    ``(H, W, C)`` with ``C`` 1 (channel mean) or 3 (grey repeated): one image set for models of different inputs.
+
+    Raises:
+        ValueError: ``input_shape`` is not an image shape ``(H, W, 1 or 3)``, or ``images`` is not ``(n, h, w, c)``.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or shape[-1] not in (1, 3):
+        raise ValueError(f"input_shape must be an image shape (H, W, C) with C = 1 or 3, got {input_shape}")
+    x = jnp.asarray(images)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"images must have shape (n, h, w, 1 or 3), got {tuple(x.shape)}")
+    H, W, C = shape
+    if x.shape[1:3] != (H, W):
+        x = jnp.clip(jax.image.resize(x, (x.shape[0], H, W, x.shape[-1]), "linear"), 0.0, 1.0)
+    if C == 1 and x.shape[-1] == 3:
+        x = x.mean(-1, keepdims=True)
+    elif C == 3 and x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    return x
 
 
 def load_folder(
