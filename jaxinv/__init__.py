@@ -12,8 +12,8 @@ from ._gradient import client_gradient, num_labels, recover_label
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
 from ._security import LayerSecurity, SecurityReport, security
-from ._sweep import sweep
 from ._sharding import shard_targets, target_mesh
+from ._sweep import sweep
 from .attacks import ATTACKS, attack, recover_labels
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "copa",
     "Pullback",
     "shard_targets",
+    "sweep",
     "target_mesh",
     "recover_label",
     "num_labels",

@@ -1,9 +1,11 @@
-"""Command line: ``jaxinv demo | zoo | score | audit | attack`` (also ``python -m jaxinv``).
+"""Command line: ``jaxinv demo | zoo | score | audit | attack | sweep`` (also ``python -m jaxinv``).
 
 * ``jaxinv audit MODEL --images DIR|bundled|tfds:NAME[:SPLIT] --n 8 --attacks copa,hybrid,ig --out report/``:
   the security analysis plus real attacks on real images (:func:`jaxinv.audit`); writes ``report.html`` (one
   self-contained file), ``metrics.json`` and PNG grids. ``--json`` prints the metrics JSON to stdout.
 * ``jaxinv attack NAME MODEL --images ... --n 4 --out attack/``: one attack; a PNG grid and a JSON.
+* ``jaxinv sweep MODEL,MODEL --attacks copa,hybrid --n 8 --out sweep.jsonl [--backend ray]``: every model x image
+  x attack, one JSONL row per run, resumable (:func:`jaxinv.sweep`).
 * ``jaxinv score MODEL``: the security report alone; ``jaxinv demo``; ``jaxinv zoo``.
 
 ``MODEL`` is a zoo name or ``package.module:factory``: an importable callable, called with
@@ -468,7 +470,78 @@ def _attack(argv) -> int:
     return _gate(res.mean_psnr, args.fail_over, f"{args.name} mean PSNR")
 
 
-COMMANDS = {"demo": demo, "zoo": zoo_cmd, "audit": audit_cmd, "attack": attack_cmd}
+def sweep_cmd(argv=None) -> int:
+    """Run models x images x attacks, one JSONL row per run (resumable), locally or on a Ray cluster."""
+    return _run("jaxinv sweep", _sweep, argv)
+
+
+def _sweep(argv) -> int:
+    ap = _Parser(prog="jaxinv sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+                 description="Run every model x image x attack (jaxinv.sweep): one JSONL row per run and one security "
+                             "row per model, appended as tasks finish; run it again to finish an interrupted sweep.")
+    ap.add_argument("models", metavar="MODELS", help="comma-separated zoo names or package.module:factory")
+    ap.add_argument("--images", default="bundled", help=_IMAGES_HELP)
+    ap.add_argument("--n", type=int, default=8, help="number of images (default 8)")
+    ap.add_argument("--size", type=int, default=32, help="side the images of a folder or tfds are loaded at, before "
+                                                         "they are fitted to each model (default 32)")
+    ap.add_argument("--attacks", default="copa", help="comma-separated attacks (default copa)")
+    ap.add_argument("--steps", type=int, default=None, help="iteration budget of the optimisation attacks")
+    ap.add_argument("--chunk", type=int, default=8, help="images per task (default 8)")
+    ap.add_argument("--no-security", action="store_true", help="skip the per-model security rows")
+    ap.add_argument("--backend", choices=("local", "ray"), default="local")
+    ap.add_argument("--address", default=None, help="Ray cluster address for --backend ray (default: start a local "
+                                                    "one, or RAY_ADDRESS)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="sweep.jsonl", help="JSONL file (default sweep.jsonl)")
+    args = ap.parse_args(argv)
+    import jax
+
+    import jaxinv
+
+    from ._audit import step_options
+
+    if args.n < 1:
+        raise _BadInput(f"--n must be a positive integer, got {args.n}")
+    models = [m for m in args.models.split(",") if m]
+    attacks = tuple(a for a in args.attacks.split(",") if a)
+    if args.images == "bundled":
+        images = args.n
+    else:
+        images = _load_images(args.images, args.n, (args.size, args.size, 3), args.seed)[0]
+    if args.backend == "ray":
+        try:
+            import ray
+        except ImportError:
+            raise _BadInput("--backend ray needs Ray: pip install 'jaxinv[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=args.address)
+    opts = step_options(attacks, args.steps) if args.steps else None
+    tty = sys.stderr.isatty() and not os.environ.get("CI")
+
+    def progress(i, n, t):
+        if tty:
+            print(f"\r{i}/{n} {t['model']} {t['attack'] or 'security'} {t['defence']}", end="", file=sys.stderr)
+
+    try:
+        rows = jaxinv.sweep(models, images, out=args.out, key=jax.random.key(args.seed), attacks=attacks,
+                            attack_options=opts, security=not args.no_security, chunk=args.chunk,
+                            backend=args.backend, progress=progress)
+    except (ValueError, TypeError) as e:
+        raise _BadInput(str(e).splitlines()[0]) from None
+    if tty:
+        print(file=sys.stderr)
+    runs = [r for r in rows if r["kind"] == "attack"]
+    print(f"{len(rows)} rows in {args.out}")
+    for m in models:
+        for a in attacks:
+            p = [r["psnr"] if r["psnr"] is not None else (300.0 if r.get("exact") else float("nan"))
+                 for r in runs if r["model"] == m and r["attack"] == a and r["error"] is None]
+            print(f"{m:<24} {a:<8} mean PSNR {sum(p) / len(p):7.2f} dB over {len(p)} image(s)" if p else
+                  f"{m:<24} {a:<8} no successful run")
+    return 0
+
+
+COMMANDS = {"demo": demo, "zoo": zoo_cmd, "audit": audit_cmd, "attack": attack_cmd, "sweep": sweep_cmd}
 
 
 def main(argv=None) -> int:
