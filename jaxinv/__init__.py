@@ -3,7 +3,7 @@ secure is the model? Layer-wise gradient inversion (COPA, R-GAP) and security au
 
 __version__ = "0.1.0"
 
-from . import attacks
+from . import attacks, defences
 from ._activations import Activation
 from ._audit import AttackResult, AuditResult, LeakingLayer, audit
 from ._constraints import Pullback
@@ -24,6 +24,7 @@ __all__ = [
     "AttackResult",
     "LeakingLayer",
     "attacks",
+    "defences",
     "recover_labels",
     "security",
     "SecurityReport",

@@ -182,6 +182,11 @@ def _models(models: Any) -> dict[str, Any]:
 def _defences(defences: Any) -> dict[str, Defence | None]:
     if defences is None:
         return {"none": None}
+    if not isinstance(defences, (Mapping, str)):
+        try:
+            defences = {("none" if d is None else getattr(d, "name", None) or repr(d)): d for d in defences}
+        except TypeError:
+            pass
     if not isinstance(defences, Mapping):
         raise TypeError("defences must be a dict {name: defence or None}, a defence being a function "
                         "(grads, key) -> grads on one client's gradient, e.g. {'none': None, 'noise': fn}")
@@ -248,8 +253,9 @@ def sweep(
             model, defence, attack and chunk from names, so adding a model does not change the others' rows.
         attacks: names from :data:`jaxinv.ATTACKS`; ``attack_options``: ``{attack: {option: value}}`` over
             :data:`jaxinv.AUDIT_DEFAULTS`.
-        defences: ``{name: defence}``, a defence being ``(grads, key) -> grads`` on one client's gradient (vmapped over
-            the images), ``None`` for no defence; default ``{"none": None}``.
+        defences: ``{name: defence}`` or a sequence of :mod:`jaxinv.defences` (named by their ``.name``), a defence
+            being ``(grads, key) -> grads`` on one client's gradient (vmapped over the images), ``None`` for no
+            defence; default ``{"none": None}``.
         labels: ``(N,)`` labels for every model (default: random per model from ``key``).
         security: also write one ``kind: "security"`` row per model (:func:`jaxinv.security`).
         chunk: images per task (stacked targets of one call).
