@@ -507,22 +507,27 @@ def copa(
 
     (x, gx, lab, rep), sec = timed(head, gleaves, label, opts)
     reports = [eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32))]
+    inputs = [x]
 
     def fold(carry, l):  # one layer down: a fold over the layers from the output to the input
         x, gx = carry
         (x, gx, rep), sec = timed(down[l], gleaves, x, gx, opts)
         reports.append(eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32)))
+        inputs.append(x)
         return x, gx
 
     x, _ = functools.reduce(fold, reversed(range(len(structure.stages) - 1)), (x, gx))
-    image = x.reshape((T if T is not None else 1,) + structure.input_shape)
+    B = T if T is not None else 1
+    layer_inputs = tuple(v.reshape((B,) + tuple(st.nodes.x_in.shape[1:]))
+                         for v, st in zip(reversed(inputs), structure.stages))
+    image = x.reshape((B,) + structure.input_shape)
     labels = lab.reshape(-1)
     dist = _gradient_distance(model, image, labels, gleaves, loss, n_out, T)
     total = jnp.nan if traced else time.perf_counter() - t_start
     return Reconstruction(
         image=image, label=labels, layers=tuple(reversed(reports)), attack="copa",
         loss_trace=jnp.zeros((labels.shape[0], 0), image.dtype), gradient_distance=dist,
-        seconds=jnp.asarray(total, jnp.float32),
+        seconds=jnp.asarray(total, jnp.float32), layer_inputs=layer_inputs,
     )
 
 

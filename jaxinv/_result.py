@@ -113,6 +113,9 @@ class Reconstruction(eqx.Module):
             reconstruction produces and the shared one, one entry per shared gradient (``(T,)`` for ``T``
             stacked targets): a truth-free check of the answer.
         seconds: wall time of the whole attack (NaN under an outer `jit`/`vmap`).
+        layer_inputs: for layer-wise attacks, every layer's reconstructed input ``(B, *its input shape)``, input
+            layer first (the first is ``image``): compare them with a forward pass of the truth to see where a
+            reconstruction goes wrong. Empty for optimisation attacks.
     """
 
     image: Float[Array, "B *shape"]
@@ -122,6 +125,7 @@ class Reconstruction(eqx.Module):
     loss_trace: Float[Array, "B T"]
     gradient_distance: Float[Array, " B"]
     seconds: Float[Array, ""]
+    layer_inputs: tuple[Array, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -404,6 +404,8 @@ class LayerSecurity:
             :math:`g = \mathrm{rms}(x)\,\sqrt{\mathrm{mean}(1/s'(z)^2)}/\mathrm{rms}(z)` over the probes.
         method: how the rank was obtained; ``exact`` is False only for counting estimates on very large layers.
         seconds: wall time of this layer's analysis.
+        noise_gain: with a ``defence`` (:func:`security`): the RMS change of this layer's reconstructed input per
+            unit RMS change the defence makes to the gradient entries (NaN without a defence).
     """
 
     index: int
@@ -431,6 +433,7 @@ class LayerSecurity:
     method: str
     exact: bool
     seconds: float
+    noise_gain: float = float("nan")
 
     @property
     def rank_deficit(self) -> int:
@@ -1252,6 +1255,9 @@ class SecurityReport:
             safety, with their predicted effect.
         delta_source: where the per-layer :math:`\delta_l` came from.
         label: the label used; ``tolerance``: :data:`RANK_TOL`; ``seconds``: wall time.
+        defence: the defence the score accounts for (its name), ``None`` for the gradient as shared; then
+            ``score_undefended`` is the score without it and ``noise_mse`` the image error the defence adds
+            (:func:`noise_propagation`), and each layer's ``noise_gain`` is filled in.
     """
 
     model: str
@@ -1267,6 +1273,9 @@ class SecurityReport:
     label: int
     tolerance: float
     seconds: float
+    defence: str | None = None
+    score_undefended: float = float("nan")
+    noise_mse: float = float("nan")
 
     @property
     def deficiencies(self) -> tuple[int, ...]:
@@ -1292,6 +1301,10 @@ class SecurityReport:
         lines.append("-" * len(head))
         lines.append(f"COPA index {self.copa_index}   R-GAP index {self.rgap_index}   "
                      f"score (predicted attack PSNR) {self.score:.1f} dB   rank tolerance {self.tolerance:g}")
+        if self.defence is not None:
+            gains = ", ".join(f"{r.path} x{r.noise_gain:.3g}" for r in self.layers)
+            lines.append(f"under defence {self.defence}: score {self.score_undefended:.1f} -> {self.score:.1f} dB "
+                         f"(image MSE added {self.noise_mse:.2e}); noise gain per layer: {gains}")
         lines.append(f"verdict: {self.verdict}")
         for a in self.advice:
             lines.append(f"  - {a.text}")
@@ -1313,7 +1326,8 @@ class SecurityReport:
             "model": self.model, "input_shape": list(self.input_shape), "copa_index": self.copa_index,
             "rgap_index": self.rgap_index, "score": self.score, "verdict": self.verdict,
             "advice": [a.to_dict() for a in self.advice], "delta_source": self.delta_source, "label": self.label,
-            "tolerance": self.tolerance, "seconds": self.seconds,
+            "tolerance": self.tolerance, "seconds": self.seconds, "defence": self.defence,
+            "score_undefended": self.score_undefended, "noise_mse": self.noise_mse,
             "layers": [r.to_dict() for r in self.layers],
             "rgap_layers": [dataclasses.asdict(r) for r in self.rgap_layers],
         })
@@ -1532,6 +1546,7 @@ def security(
     label: int | None = None,
     loss: str = "auto",
     probes: int = 4,
+    defence: Callable | None = None,
 ) -> SecurityReport:
     r"""How secure is an architecture against layer-wise gradient inversion? Ranks, indices, score and advice.
 
@@ -1566,7 +1581,11 @@ def security(
         grads: one client's shared gradient (pytree like the parameters), to analyse at its :math:`\delta_l`.
         label: the label (default: random without ``grads``, recovered from ``grads`` otherwise).
         loss: the client's loss (``auto``: logistic for one output, cross-entropy otherwise).
-        probes: number of natural-image probes for the expected lost energy.
+        probes: number of natural-image probes for the expected lost energy (and the defence's propagation).
+        defence: a :mod:`jaxinv.defences` transformation (or any ``(grads, key) -> grads``) the client applies before
+            sharing. The score then predicts the attack under it: the image error of the undefended score plus the
+            error the defence adds, measured by inverting the probes' defended and clean gradients
+            (:func:`noise_propagation`); every layer reports its ``noise_gain``.
 
     Returns:
         A :class:`SecurityReport` (``.layers``, ``.copa_index``, ``.rgap_index``, ``.score``, ``.verdict``,
@@ -1643,11 +1662,77 @@ def security(
     ci = copa_index(layers)
     ri, rl = rgap_analysis(layers)
     score = predict_psnr(layers, float(np.mean(probe_imgs.astype(np.float64) ** 2)))
+    verdict = _verdict(layers, score)
+    extra = {}
+    if defence is not None:
+        if not callable(defence):
+            raise TypeError(f"defence must be a jaxinv.defences transformation (grads, key) -> grads, got "
+                            f"{type(defence).__name__}")
+        name = getattr(defence, "name", getattr(defence, "__name__", "defence"))
+        try:
+            gains, mse = noise_propagation(model, defence, probe_imgs, key=jax.random.fold_in(k_p, 1),
+                                           input_shape=shape, loss=loss)
+        except ValueError as e:
+            raise ValueError(f"security(defence=...) measures the defence through the layer-wise inversion, which "
+                             f"cannot run on {model.name!r}: {str(e).splitlines()[0]}") from None
+        layers = tuple(dataclasses.replace(r, noise_gain=float(gn)) for r, gn in zip(layers, gains))
+        clean = score
+        score = float(-10 * np.log10(10 ** (-clean / 10) + mse))
+        verdict = _verdict_defended(score, name, clean)
+        extra = dict(defence=name, score_undefended=clean, noise_mse=mse)
     return SecurityReport(
         model=model.name, input_shape=tuple(shape), layers=layers, copa_index=ci, rgap_index=ri, rgap_layers=rl,
-        score=score, verdict=_verdict(layers, score), advice=_advice(layers, structure, score),
-        delta_source=source, label=int(y), tolerance=RANK_TOL, seconds=time.perf_counter() - t0,
+        score=score, verdict=verdict, advice=_advice(layers, structure, score),
+        delta_source=source, label=int(y), tolerance=RANK_TOL, seconds=time.perf_counter() - t0, **extra,
     )
+
+
+# ========================================================================================== defences
+def noise_propagation(model: Model, defence: Callable, probes: np.ndarray, *, key, input_shape=None,
+                      loss: str = "auto") -> tuple[np.ndarray, float]:
+    r"""How a defence's change to the gradient propagates through the layer-wise inversion.
+
+    For natural probe images :math:`p_j` with random labels, the clean gradients :math:`g_j` and the defended ones
+    :math:`\tilde g_j = D(g_j; k_j)` are inverted by :func:`jaxinv.copa` with the labels known. Layer :math:`l`'s
+    **noise gain** is :math:`\mathrm{RMS}(\tilde x_{l-1} - \hat x_{l-1}) / \mathrm{RMS}(\tilde g - g)` (reconstructed
+    layer inputs from the defended and the clean gradient, RMS over entries and probes): how much one unit of
+    gradient perturbation moves that layer's answer, the product of the conditioning of every layer above it. The
+    image error the defence adds is :math:`\mathrm{MSE}_D = \mathrm{mean}\,(\mathrm{clip}(\tilde x_0) -
+    \mathrm{clip}(\hat x_0))^2` (images in ``[0, 1]``).
+
+    Returns:
+        ``(gains per layer, input layer first; MSE_D)``.
+    """
+    from ._audit import stacked_gradients
+    from ._copa import copa as _copa
+    from ._gradient import num_labels
+
+    shape = model.resolve_input_shape(input_shape)
+    x = jnp.asarray(probes, model.structure(shape).dtype)
+    k_y, k_d = jax.random.split(key)
+    y = jax.random.randint(k_y, (x.shape[0],), 0, num_labels(model, shape))
+    g = stacked_gradients(model, x, y)
+    gd = jax.vmap(defence)(g, jax.random.split(k_d, x.shape[0]))
+    rc = _copa(model, g, label=y, input_shape=shape, loss=loss)
+    rn = _copa(model, gd, label=y, input_shape=shape, loss=loss)
+    diff = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
+            for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(g))]
+    g_rms = math.sqrt(sum(float(np.sum(d * d)) for d in diff) / max(sum(d.size for d in diff), 1))
+    gains = np.array([float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+                      / max(g_rms, 1e-300) for a, b in zip(rn.layer_inputs, rc.layer_inputs)])
+    mse = float(np.mean((np.clip(np.asarray(rn.image, np.float64), 0, 1)
+                         - np.clip(np.asarray(rc.image, np.float64), 0, 1)) ** 2))
+    return gains, mse
+
+
+def _verdict_defended(score: float, name: str, clean: float) -> str:
+    tail = f"under defence {name} (predicted {score:.0f} dB, {clean:.0f} dB without it)"
+    if score >= LEAK_DB:
+        return f"LEAKS: the input is still recoverable from the gradient {tail}"
+    if score >= SAFE_DB:
+        return f"PARTIAL: a recognisable but inexact reconstruction is expected {tail}"
+    return (f"RESISTANT: the layer-wise attacks are not expected to reconstruct the input {tail}; "
+            "the gradient may still reveal the label")
 
 
 # ================================================================================================ CLI

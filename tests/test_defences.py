@@ -132,3 +132,31 @@ def test_copa_psnr_falls_with_the_noise_level():
         rec = jaxinv.copa(model, D.gaussian(sigma, relative=True)(g, jax.random.key(0)), label=3)
         out.append(psnr(np.clip(np.asarray(rec.image), 0, 1), x))
     assert out[0] > 80 and all(a > b for a, b in zip(out, out[1:])), out
+
+
+def test_security_under_a_defence_predicts_the_attack():
+    """The score under a defence tracks COPA's measured PSNR on real photos (predicted from synthetic probes)."""
+    module, variables = zoo.build("cnn2_c1", key=jax.random.key(0))
+    model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
+    x = jnp.concatenate([jnp.asarray(photo(n, 32)) for n in ("chelsea", "coffee")])
+    y = jnp.array([3, 7])
+    g = jax.vmap(lambda a, b: jaxinv.client_gradient(model, a[None], b[None]))(x, y)
+    clean = jaxinv.security(model, key=jax.random.key(0))
+    assert all(np.isnan(r.noise_gain) for r in clean.layers) and clean.defence is None
+    preds, meas = [], []
+    for sigma in (1e-2, 1.0):
+        d = D.gaussian(sigma, relative=True)
+        rep = jaxinv.security(model, key=jax.random.key(0), defence=d)
+        assert rep.defence == d.name and rep.score_undefended == pytest.approx(clean.score)
+        assert rep.score < clean.score and rep.noise_mse > 0
+        assert all(np.isfinite(r.noise_gain) and r.noise_gain > 0 for r in rep.layers)
+        assert "under defence" in rep.verdict and "under defence" in rep.table()
+        rec = jaxinv.copa(model, jax.vmap(d)(g, jax.random.split(jax.random.key(1), 2)), label=y)
+        meas.append(np.mean([psnr(np.clip(np.asarray(rec.image[i]), 0, 1), x[i]) for i in range(2)]))
+        preds.append(rep.score)
+        assert abs(rep.score - meas[-1]) < 5, (rep.score, meas[-1])
+    assert meas[0] > meas[1] + 10 and preds[0] > preds[1] + 10
+    assert jaxinv.security(model, key=jax.random.key(0), defence=D.gaussian(1.0, relative=True)).verdict.startswith(
+        "PARTIAL")
+    with pytest.raises(TypeError, match="defence"):
+        jaxinv.security(model, key=jax.random.key(0), defence=3)

@@ -74,4 +74,5 @@ def rgap(
     rec = copa(model, grads, label=label, input_shape=input_shape, key=key, loss=loss, max_steps=max_steps,
                rtol=rtol, atol=atol, forward_weight=1.0, gradient_weight=1.0)
     return Reconstruction(image=rec.image, label=rec.label, layers=rec.layers, attack="rgap",
-                          loss_trace=rec.loss_trace, gradient_distance=rec.gradient_distance, seconds=rec.seconds)
+                          loss_trace=rec.loss_trace, gradient_distance=rec.gradient_distance, seconds=rec.seconds,
+                          layer_inputs=rec.layer_inputs)
