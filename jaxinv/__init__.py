@@ -8,6 +8,7 @@ from ._activations import Activation
 from ._audit import AttackResult, AuditResult, LeakingLayer, audit
 from ._constraints import Pullback
 from ._copa import HeadNotInvertibleError, copa
+from ._fedavg import local_update, update_as_gradient
 from ._gradient import client_gradient, num_labels, recover_label
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
@@ -38,6 +39,8 @@ __all__ = [
     "HeadNotInvertibleError",
     "client_gradient",
     "copa",
+    "local_update",
+    "update_as_gradient",
     "Pullback",
     "shard_targets",
     "sweep",

@@ -77,6 +77,8 @@ class _IGOptions(eqx.Module):
     window: int = eqx.field(static=True)
     log_every: int = eqx.field(static=True)
     callback: Callable | None = eqx.field(static=True)
+    local_steps: int = eqx.field(static=True, default=1)
+    local_lr: float = eqx.field(static=True, default=0.0)
 
 
 def milestones(max_steps: int) -> tuple[int, int, int]:
@@ -99,8 +101,13 @@ def _ig_one(model: Model, gleaves, labels, key, shape, K, o: _IGOptions):
     dtype = model.dtype
     target = obj.hard_targets(labels, K, dtype)
 
+    def shared(x):  # what the candidate would share: its gradient, or its simulated FedAvg update as a gradient
+        if o.local_steps > 1:
+            return obj.candidate_update_gradient(model.apply_fn, model.params, x, target, o.local_steps, o.local_lr)
+        return obj.candidate_gradient(model.apply_fn, model.params, x, target)
+
     def grad_dist(x):
-        return obj.cosine_distance(obj.candidate_gradient(model.apply_fn, model.params, x, target), gleaves)
+        return obj.cosine_distance(shared(x), gleaves)
 
     def f(x):
         return grad_dist(x) + o.tv_weight * obj.total_variation(x)
@@ -124,8 +131,7 @@ def _ig_one(model: Model, gleaves, labels, key, shape, K, o: _IGOptions):
     xs, traces, dists = jax.vmap(run)(jax.random.split(key, o.restarts))
     best = jnp.argmin(jnp.where(jnp.isfinite(dists), dists, jnp.inf))
     x = xs[best]
-    g_hat = obj.candidate_gradient(model.apply_fn, model.params, x, target)
-    return x, labels.astype(jnp.int32), traces[best], obj.relative_distance(g_hat, gleaves)
+    return x, labels.astype(jnp.int32), traces[best], obj.relative_distance(shared(x), gleaves)
 
 
 @eqx.filter_jit
@@ -136,6 +142,15 @@ def _ig_run(model, gleaves, labels, key, shape, K, o, stacked):
         return x.reshape((-1,) + shape), lab.reshape(-1), trace, dist
     x, lab, trace, dist = _ig_one(model, gleaves, labels, key, shape, K, o)
     return x, lab, trace[None], dist[None]
+
+
+def _check_local_lr(local_steps, local_lr) -> float:
+    if local_steps == 1:
+        return 0.0
+    if local_lr is None or isinstance(local_lr, bool) or not float(local_lr) > 0 or not jnp.isfinite(local_lr):
+        raise ValueError(f"ig: local_steps={local_steps} simulates a FedAvg client: give its learning rate "
+                         f"local_lr > 0, got {local_lr!r}")
+    return float(local_lr)
 
 
 def _check_box(box):
@@ -169,6 +184,8 @@ def ig(
     window: int = 100,
     log_every: int = 10,
     callback: Callable[[Array, Array], Any] | None = None,
+    local_steps: int = 1,
+    local_lr: float | None = None,
 ) -> Reconstruction:
     r"""Inverting Gradients: cosine gradient distance + total variation, signed Adam, box projection, restarts.
 
@@ -203,6 +220,10 @@ def ig(
             ``window`` steps, tested only after the last learning-rate decay (``tol=0``: always run ``max_steps``).
         log_every: objective logged (and ``callback(step, loss)`` called) every ``log_every`` steps.
         callback: optional host callback ``(step, loss) -> None`` (via ``jax.debug.callback``; called per restart).
+        local_steps, local_lr: the shared object is a FedAvg update after ``local_steps`` :math:`K > 1` SGD steps with
+            learning rate ``local_lr`` :math:`\eta`, passed as :func:`jaxinv.update_as_gradient` (:math:`-\Delta /
+            (K\eta)`): the candidate's update is simulated (the :math:`K` steps unrolled and differentiated
+            through) instead of its gradient (Geiping et al. 2020, Sec. 5). ``local_lr`` is required then.
 
     Returns:
         A :class:`jaxinv.Reconstruction`: ``image`` ``(B, *input_shape)``, ``label`` ``(B,)``, ``loss_trace``
@@ -222,7 +243,9 @@ def ig(
     o = _IGOptions(batch_size=p.batch_size, max_steps=obj.check_int(max_steps, "max_steps", "ig"), lr=float(lr),
                    tv_weight=float(tv_weight), box=_check_box(box), restarts=obj.check_int(restarts, "restarts", "ig"),
                    signed=bool(signed), tol=float(tol), window=obj.check_int(window, "window", "ig"),
-                   log_every=obj.check_int(log_every, "log_every", "ig"), callback=callback)
+                   log_every=obj.check_int(log_every, "log_every", "ig"), callback=callback,
+                   local_steps=obj.check_int(local_steps, "local_steps", "ig"),
+                   local_lr=_check_local_lr(local_steps, local_lr))
     labels = _labels_for(model, grads, p, p.input_shape)
     x, lab, trace, dist = _ig_run(model, p.gleaves, labels, key, p.input_shape, p.num_outputs, o,
                                   p.stacked is not None)

@@ -82,6 +82,23 @@ def candidate_gradient(
     return jax.tree_util.tree_leaves(g)
 
 
+def candidate_update_gradient(
+    apply_fn: Callable, params: PyTree, x: Float[Array, "B *shape"], target: Float[Array, "B K"], steps: int,
+    lr: float,
+) -> list[Array]:
+    r"""What a candidate batch would share as a FedAvg client, as a gradient: :math:`(\theta_0 - \theta_K)/(K\eta)`
+    after ``steps`` :math:`= K` full-batch SGD steps with learning rate :math:`\eta` on ``(x, target)``
+    (:func:`jaxinv.update_as_gradient` of the simulated update). Differentiable in ``x`` through the unrolled steps;
+    ``steps=1`` is :func:`candidate_gradient`."""
+    grad = jax.grad(lambda p: soft_cross_entropy(apply_fn(p, x), target))
+
+    def body(_, p):
+        return jax.tree_util.tree_map(lambda a, g: a - lr * g, p, grad(p))
+
+    theta = jax.lax.fori_loop(0, steps, body, params)
+    return jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: (a - b) / (steps * lr), params, theta))
+
+
 def _dot(a: list[Array], b: list[Array]) -> Array:
     return sum(jnp.vdot(u, v) for u, v in zip(a, b))
 

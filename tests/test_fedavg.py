@@ -1,0 +1,79 @@
+"""FedAvg updates: the client's K local steps, the first-order gradient, and IG simulating the steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinv
+from jaxinv import zoo
+from jaxinv.attacks import _objectives as obj
+
+from conftest import photo, psnr
+
+
+@pytest.fixture(scope="module")
+def setup():
+    module, variables = zoo.build("cnn2_c1", key=jax.random.key(0))
+    model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
+    x = jnp.asarray(photo("chelsea", 32))
+    return model, x, jnp.array([3])
+
+
+def _leaves(t):
+    return [np.asarray(a, np.float64) for a in jax.tree_util.tree_leaves(t)]
+
+
+def test_one_local_step_is_the_gradient(setup):
+    model, x, y = setup
+    g = jaxinv.client_gradient(model, x, y)
+    upd = jaxinv.local_update(model, x, y, steps=1, lr=0.05)
+    for a, b in zip(_leaves(jaxinv.update_as_gradient(upd, steps=1, lr=0.05)), _leaves(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+    # K steps by hand
+    p = model.params
+    for _ in range(3):
+        gp = jaxinv.client_gradient(model, x, y, params=p)
+        p = jax.tree_util.tree_map(lambda a, b: a - 0.05 * b, p, gp)
+    upd3 = jaxinv.local_update(model, x, y, steps=3, lr=0.05)
+    for a, b, c in zip(_leaves(upd3), _leaves(p), _leaves(model.params)):
+        np.testing.assert_allclose(a, b - c, rtol=1e-4, atol=1e-7)
+
+
+def test_copa_on_the_first_order_gradient_degrades_with_k_lr(setup):
+    model, x, y = setup
+    out = []
+    for steps, lr in ((1, 0.1), (2, 1e-4), (5, 1e-3), (10, 1e-2)):  # K * lr: 0.1 (one step: exact), 2e-4, 5e-3, 0.1
+        upd = jaxinv.local_update(model, x, y, steps=steps, lr=lr)
+        rec = jaxinv.copa(model, jaxinv.update_as_gradient(upd, steps=steps, lr=lr), label=3)
+        out.append(psnr(np.clip(np.asarray(rec.image), 0, 1), x))
+    assert out[0] > 80 and out[1] > 40 and out[3] < 15, out
+    assert out[0] > out[1] > out[2] > out[3], out
+
+
+def test_simulated_update_objective_is_zero_at_the_truth(setup):
+    """The objective of ig(local_steps=K) vanishes at the true image; the single-step one does not."""
+    model, x, y = setup
+    K, lr = 10, 0.1
+    shared = jax.tree_util.tree_leaves(jaxinv.update_as_gradient(jaxinv.local_update(model, x, y, steps=K, lr=lr),
+                                                                 steps=K, lr=lr))
+    t = obj.hard_targets(y, 10, jnp.float32)
+    sim = obj.candidate_update_gradient(model.apply_fn, model.params, x, t, K, lr)
+    one = obj.candidate_gradient(model.apply_fn, model.params, x, t)
+    assert float(obj.cosine_distance(sim, shared)) < 1e-9
+    assert float(obj.cosine_distance(one, shared)) > 1e3 * max(float(obj.cosine_distance(sim, shared)), 1e-12)
+    rec = jaxinv.attack("ig", model, jaxinv.update_as_gradient(
+        jaxinv.local_update(model, x, y, steps=K, lr=lr), steps=K, lr=lr), label=3, key=jax.random.key(0),
+        max_steps=20, local_steps=K, local_lr=lr)
+    assert rec.image.shape == x.shape and np.isfinite(float(rec.gradient_distance[0]))
+
+
+def test_bad_arguments(setup):
+    model, x, y = setup
+    with pytest.raises(ValueError, match="steps"):
+        jaxinv.local_update(model, x, y, steps=0, lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        jaxinv.update_as_gradient(model.params, steps=2, lr=-1.0)
+    with pytest.raises(ValueError, match="local_lr"):
+        jaxinv.attack("ig", model, jaxinv.client_gradient(model, x, y), label=3, key=jax.random.key(0),
+                      max_steps=5, local_steps=3)
