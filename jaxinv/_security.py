@@ -1547,6 +1547,8 @@ def security(
     loss: str = "auto",
     probes: int = 4,
     defence: Callable | None = None,
+    local_steps: int = 1,
+    local_lr: float | None = None,
 ) -> SecurityReport:
     r"""How secure is an architecture against layer-wise gradient inversion? Ranks, indices, score and advice.
 
@@ -1586,6 +1588,9 @@ def security(
             sharing. The score then predicts the attack under it: the image error of the undefended score plus the
             error the defence adds, measured by inverting the probes' defended and clean gradients
             (:func:`noise_propagation`); every layer reports its ``noise_gain``.
+        local_steps, local_lr: the client shares a FedAvg update after ``local_steps`` SGD steps with learning rate
+            ``local_lr`` (read as :func:`jaxinv.update_as_gradient`, then ``defence``); the score accounts for the
+            steps the same way.
 
     Returns:
         A :class:`SecurityReport` (``.layers``, ``.copa_index``, ``.rgap_index``, ``.score``, ``.verdict``,
@@ -1664,14 +1669,20 @@ def security(
     score = predict_psnr(layers, float(np.mean(probe_imgs.astype(np.float64) ** 2)))
     verdict = _verdict(layers, score)
     extra = {}
-    if defence is not None:
-        if not callable(defence):
-            raise TypeError(f"defence must be a jaxinv.defences transformation (grads, key) -> grads, got "
-                            f"{type(defence).__name__}")
-        name = getattr(defence, "name", getattr(defence, "__name__", "defence"))
+    if defence is not None and not callable(defence):
+        raise TypeError(f"defence must be a jaxinv.defences transformation (grads, key) -> grads, got "
+                        f"{type(defence).__name__}")
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+        raise ValueError(f"local_steps must be a positive integer (FedAvg local SGD steps), got {local_steps!r}")
+    if local_steps > 1 and (local_lr is None or not float(local_lr) > 0):
+        raise ValueError(f"local_steps={local_steps} needs the client's learning rate local_lr > 0, got {local_lr!r}")
+    if defence is not None or local_steps > 1:
+        names = ([f"fedavg(K={local_steps}, lr={float(local_lr):g})"] if local_steps > 1 else []) + (
+            [getattr(defence, "name", getattr(defence, "__name__", "defence"))] if defence is not None else [])
+        name = " -> ".join(names)
         try:
             gains, mse = noise_propagation(model, defence, probe_imgs, key=jax.random.fold_in(k_p, 1),
-                                           input_shape=shape, loss=loss)
+                                           input_shape=shape, loss=loss, local_steps=local_steps, local_lr=local_lr)
         except ValueError as e:
             raise ValueError(f"security(defence=...) measures the defence through the layer-wise inversion, which "
                              f"cannot run on {model.name!r}: {str(e).splitlines()[0]}") from None
@@ -1688,23 +1699,27 @@ def security(
 
 
 # ========================================================================================== defences
-def noise_propagation(model: Model, defence: Callable, probes: np.ndarray, *, key, input_shape=None,
-                      loss: str = "auto") -> tuple[np.ndarray, float]:
+def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray, *, key, input_shape=None,
+                      loss: str = "auto", local_steps: int = 1, local_lr: float | None = None
+                      ) -> tuple[np.ndarray, float]:
     r"""How a defence's change to the gradient propagates through the layer-wise inversion.
 
-    For natural probe images :math:`p_j` with random labels, the clean gradients :math:`g_j` and the defended ones
-    :math:`\tilde g_j = D(g_j; k_j)` are inverted by :func:`jaxinv.copa` with the labels known. Layer :math:`l`'s
-    **noise gain** is :math:`\mathrm{RMS}(\tilde x_{l-1} - \hat x_{l-1}) / \mathrm{RMS}(\tilde g - g)` (reconstructed
-    layer inputs from the defended and the clean gradient, RMS over entries and probes): how much one unit of
-    gradient perturbation moves that layer's answer, the product of the conditioning of every layer above it. The
-    image error the defence adds is :math:`\mathrm{MSE}_D = \mathrm{mean}\,(\mathrm{clip}(\tilde x_0) -
-    \mathrm{clip}(\hat x_0))^2` (images in ``[0, 1]``).
+    For natural probe images :math:`p_j` with random labels, the clean gradients :math:`g_j` and the shared ones
+    :math:`\tilde g_j = D(g_j; k_j)` are inverted by :func:`jaxinv.copa` with the labels known. With
+    ``local_steps`` :math:`K > 1` the client shares a FedAvg update, read as the first-order gradient
+    :func:`jaxinv.update_as_gradient` before the defence. Layer :math:`l`'s **noise gain** is
+    :math:`\mathrm{RMS}(\tilde x_{l-1} - \hat x_{l-1}) / \mathrm{RMS}(\tilde g - g)` (reconstructed layer inputs
+    from the shared and the clean gradient, RMS over entries and probes): how much one unit of gradient perturbation
+    moves that layer's answer, the product of the conditioning of every layer above it. The image error the
+    defence adds is :math:`\mathrm{MSE}_D = \mathrm{mean}\,(\mathrm{clip}(\tilde x_0) - \mathrm{clip}(\hat x_0))^2`
+    (images in ``[0, 1]``).
 
     Returns:
         ``(gains per layer, input layer first; MSE_D)``.
     """
     from ._audit import stacked_gradients
     from ._copa import copa as _copa
+    from ._fedavg import local_update, update_as_gradient
     from ._gradient import num_labels
 
     shape = model.resolve_input_shape(input_shape)
@@ -1712,7 +1727,13 @@ def noise_propagation(model: Model, defence: Callable, probes: np.ndarray, *, ke
     k_y, k_d = jax.random.split(key)
     y = jax.random.randint(k_y, (x.shape[0],), 0, num_labels(model, shape))
     g = stacked_gradients(model, x, y)
-    gd = jax.vmap(defence)(g, jax.random.split(k_d, x.shape[0]))
+    gd = g
+    if local_steps > 1:
+        gd = jax.vmap(lambda xi, yi: update_as_gradient(local_update(model, xi[None], yi[None], steps=local_steps,
+                                                                     lr=local_lr, loss=loss),
+                                                        steps=local_steps, lr=local_lr))(x, y)
+    if defence is not None:
+        gd = jax.vmap(defence)(gd, jax.random.split(k_d, x.shape[0]))
     rc = _copa(model, g, label=y, input_shape=shape, loss=loss)
     rn = _copa(model, gd, label=y, input_shape=shape, loss=loss)
     diff = [np.asarray(a, np.float64) - np.asarray(b, np.float64)

@@ -77,3 +77,19 @@ def test_bad_arguments(setup):
     with pytest.raises(ValueError, match="local_lr"):
         jaxinv.attack("ig", model, jaxinv.client_gradient(model, x, y), label=3, key=jax.random.key(0),
                       max_steps=5, local_steps=3)
+
+
+def test_security_accounts_for_local_steps(setup):
+    model, x, y = setup
+    out = []
+    for steps, lr in ((2, 1e-4), (10, 1e-2)):
+        rep = jaxinv.security(model, key=jax.random.key(0), local_steps=steps, local_lr=lr)
+        assert rep.defence == f"fedavg(K={steps}, lr={lr:g})"
+        upd = jaxinv.local_update(model, x, y, steps=steps, lr=lr)
+        rec = jaxinv.copa(model, jaxinv.update_as_gradient(upd, steps=steps, lr=lr), label=3)
+        out.append((rep.score, psnr(np.clip(np.asarray(rec.image), 0, 1), x)))
+    (p1, m1), (p2, m2) = out
+    assert p1 > p2 + 15 and m1 > m2 + 15, out
+    assert abs(p2 - m2) < 6, out
+    with pytest.raises(ValueError, match="local_lr"):
+        jaxinv.security(model, key=jax.random.key(0), local_steps=3)
