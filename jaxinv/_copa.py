@@ -422,6 +422,7 @@ def copa(
     gradient_weight: float = 1.0,
     pullback: bool | Pullback = False,
     batching: str = "auto",
+    batch_size: int | None = None,
     key: Any = None,
 ) -> Reconstruction:
     r"""Reconstruct the input from a single-image gradient, layer by layer (COPA / R-GAP least squares).
@@ -451,7 +452,13 @@ def copa(
             per target, because vmapped convolutions by a batched kernel become grouped convolutions, but on
             R-GAP's CNN6 one of 8 photos' input layer converged to a 20x larger residual than unstacked, not yet
             explained). ``"auto"`` (default) is ``vmap``.
-        key: unused (the method is deterministic); accepted for the common attack interface.
+        batch_size: ``B > 1`` images behind one (unstacked) gradient, when ``label`` is ``None`` (their labels are
+            then recovered as a multiset, :func:`jaxinv.recover_labels`); a ``label`` of shape ``(B,)`` with an
+            unstacked gradient means the same. The head separates the batch when it is a dense layer with a bias
+            and at least ``B`` outputs; the layers below are solved jointly (:mod:`jaxinv._batch`). Images come
+            back in no particular order (:func:`jaxinv.metrics.match`).
+        key: the random restarts of a batch's head separation (default ``jax.random.key(0)``); single images are
+            deterministic.
 
     Returns:
         A :class:`Reconstruction`: ``.image`` of shape ``(T or 1, *input_shape)``, ``.label``, per-layer
@@ -462,20 +469,25 @@ def copa(
         >>> rec = jaxinv.copa(model, grads, input_shape=(32, 32, 3))
         >>> jaxinv.psnr(rec.image, x)
     """
-    del key
     structure = model.structure(input_shape)
     gleaves, T = validate_grads(model, grads)
     n_out = math.prod(structure.stages[-1].nodes.x_out.shape)
     n_lab = 2 if n_out == 1 else n_out
     loss = loss if loss != "auto" else ("logistic" if n_out == 1 else "cross_entropy")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if label is not None:
         label = check_labels(jnp.asarray(label), n_lab)
-        if T is None and label.size != 1:
-            raise ValueError(
-                f"label has shape {tuple(label.shape)} but grads is one target's gradient: pass one label, or stack "
-                "T gradients along a new leading axis with label of shape (T,). COPA inverts single-image "
-                "gradients; for a batch gradient use jaxinv.attack('ig', ...)"
-            )
+        if batch_size is not None and T is None and label.size != batch_size:
+            raise ValueError(f"label has {label.size} entries but batch_size is {batch_size}")
+    if T is None and ((label is not None and label.size > 1) or (batch_size or 1) > 1):
+        if pullback is not False:
+            raise ValueError("pullback is not supported for batch gradients yet: use pullback=False")
+        return _copa_batch(model, structure, gleaves, label, batch_size, loss, n_out, key,
+                           CopaOptions(rtol=rtol, atol=atol, max_steps=max_steps, forward_weight=forward_weight,
+                                       gradient_weight=gradient_weight, loss=loss))
+    del key
+    if label is not None:
         if T is not None and label.shape != (T,):
             raise ValueError(f"label must have shape ({T},) for {T} stacked targets, got {tuple(label.shape)}")
         if T is None:
@@ -529,6 +541,39 @@ def copa(
         loss_trace=jnp.zeros((labels.shape[0], 0), image.dtype), gradient_distance=dist,
         seconds=jnp.asarray(total, jnp.float32), layer_inputs=layer_inputs,
     )
+
+
+def _copa_batch(model, structure, gleaves, label, batch_size, loss, n_out, key, opts) -> Reconstruction:
+    """COPA on one gradient of a batch of ``B`` images (:mod:`jaxinv._batch`)."""
+    from ._batch import _down_batch_jit, _head_batch_jit, check_batch_head
+    from .attacks._dlg import recover_labels
+
+    B = int(label.size) if label is not None else int(batch_size)
+    check_batch_head(structure, B, loss)
+    if label is None:
+        label = recover_labels(model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(model.params),
+                                                                   gleaves), B, input_shape=structure.input_shape)
+    label = jnp.asarray(label, jnp.int32).reshape(-1)
+    key = jax.random.key(0) if key is None else key
+    t_start = time.perf_counter()
+    (X, GX, rep), sec = _timed(False, _head_batch_jit, model, structure, gleaves, label, key, opts, 4, 100)
+    reports = [eqx.tree_at(lambda r: r.seconds, rep, jnp.asarray(sec, jnp.float32))]
+    inputs = [X]
+    for l in reversed(range(len(structure.stages) - 1)):
+        (X, GX, rep), sec = _timed(False, _down_batch_jit, model, structure, l, gleaves, X, GX, opts)
+        reports.append(eqx.tree_at(lambda r: r.seconds, rep, jnp.asarray(sec, jnp.float32)))
+        inputs.append(X)
+    image = X.reshape((B,) + structure.input_shape)
+    lf = loss_fn(loss, n_out)
+    g_hat = jax.tree_util.tree_leaves(jax.grad(lambda p: lf(model.apply_fn(p, image), label))(model.params))
+    num = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(g_hat, gleaves)))
+    den = jnp.sqrt(sum(jnp.sum(b**2) for b in gleaves))
+    layer_inputs = tuple(v.reshape((B,) + tuple(st.nodes.x_in.shape[1:]))
+                         for v, st in zip(reversed(inputs), structure.stages))
+    return Reconstruction(
+        image=image, label=label, layers=tuple(reversed(reports)), attack="copa",
+        loss_trace=jnp.zeros((1, 0), image.dtype), gradient_distance=(num / jnp.maximum(den, 1e-30)).reshape(1),
+        seconds=jnp.asarray(time.perf_counter() - t_start, jnp.float32), layer_inputs=layer_inputs)
 
 
 def gradient_distance(model: Model, image, label, gleaves, loss: str, n_out: int) -> Array:

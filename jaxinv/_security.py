@@ -1549,6 +1549,7 @@ def security(
     defence: Callable | None = None,
     local_steps: int = 1,
     local_lr: float | None = None,
+    batch_size: int = 1,
 ) -> SecurityReport:
     r"""How secure is an architecture against layer-wise gradient inversion? Ranks, indices, score and advice.
 
@@ -1591,6 +1592,9 @@ def security(
         local_steps, local_lr: the client shares a FedAvg update after ``local_steps`` SGD steps with learning rate
             ``local_lr`` (read as :func:`jaxinv.update_as_gradient`, then ``defence``); the score accounts for the
             steps the same way.
+        batch_size: the client's batch :math:`B`: the score is then the PSNR of the batch layer-wise attack
+            (:mod:`jaxinv._batch`) on ``B`` natural probes sharing one gradient (after ``defence``), matched to
+            them (:func:`batch_psnr`); the ranks stay those of single images.
 
     Returns:
         A :class:`SecurityReport` (``.layers``, ``.copa_index``, ``.rgap_index``, ``.score``, ``.verdict``,
@@ -1676,7 +1680,23 @@ def security(
         raise ValueError(f"local_steps must be a positive integer (FedAvg local SGD steps), got {local_steps!r}")
     if local_steps > 1 and (local_lr is None or not float(local_lr) > 0):
         raise ValueError(f"local_steps={local_steps} needs the client's learning rate local_lr > 0, got {local_lr!r}")
-    if defence is not None or local_steps > 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size > 1:
+        if local_steps > 1:
+            raise ValueError("security: batch_size > 1 with local_steps > 1 is not supported yet; give one of them")
+        clean = score
+        name = " -> ".join([f"batch(B={batch_size})"] + ([getattr(defence, "name", "defence")] if defence else []))
+        try:
+            score = batch_psnr(model, batch_size, key=jax.random.fold_in(k_p, 2), input_shape=shape, loss=loss,
+                               defence=defence)
+        except ValueError as e:
+            raise ValueError(f"security(batch_size={batch_size}) runs the batch layer-wise attack on probes, which "
+                             f"cannot run on {model.name!r}: {str(e).splitlines()[0]}") from None
+        score = min(score, clean)
+        verdict = _verdict_defended(score, name, clean)
+        extra = dict(defence=name, score_undefended=clean)
+    elif defence is not None or local_steps > 1:
         names = ([f"fedavg(K={local_steps}, lr={float(local_lr):g})"] if local_steps > 1 else []) + (
             [getattr(defence, "name", getattr(defence, "__name__", "defence"))] if defence is not None else [])
         name = " -> ".join(names)
@@ -1744,6 +1764,30 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
     mse = float(np.mean((np.clip(np.asarray(rn.image, np.float64), 0, 1)
                          - np.clip(np.asarray(rc.image, np.float64), 0, 1)) ** 2))
     return gains, mse
+
+
+def batch_psnr(model: Model, batch_size: int, *, key, input_shape=None, loss: str = "auto",
+               defence: Callable | None = None) -> float:
+    r"""PSNR (dB) of :func:`jaxinv.copa` on one gradient of ``batch_size`` natural probes (:func:`natural_probes`,
+    random labels without repeats where the head allows, ``defence`` applied), the reconstructions matched to the
+    probes (:func:`jaxinv.metrics.match`); the mean over the batch of the matched MSE, in dB."""
+    from . import metrics
+    from ._copa import copa as _copa
+    from ._gradient import client_gradient, num_labels
+
+    shape = model.resolve_input_shape(input_shape)
+    k_p, k_y, k_d, k_c = jax.random.split(key, 4)
+    x = jnp.asarray(natural_probes(k_p, shape, batch_size), model.structure(shape).dtype)
+    K = num_labels(model, shape)
+    y = jax.random.permutation(k_y, max(K, batch_size))[:batch_size] % K
+    g = client_gradient(model, x, y, loss=loss)
+    if defence is not None:
+        g = defence(g, k_d)
+    rec = _copa(model, g, label=y, input_shape=shape, loss=loss, key=k_c)
+    img = jnp.clip(rec.image, 0, 1)
+    perm, _ = metrics.match(img, x, metric="mse")
+    mse = float(jnp.mean((img[jnp.asarray(perm)] - x) ** 2))
+    return float(-10 * np.log10(max(mse, 1e-30)))
 
 
 def _verdict_defended(score: float, name: str, clean: float) -> str:
