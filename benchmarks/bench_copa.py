@@ -231,11 +231,23 @@ def cold_whole(names):
 
 def markdown(res) -> str:
     lines = ["# COPA benchmark", "", "PSNR: standard, [0, 1] images, data range 1 (layer rows: the layer input).", "",
-             "## (a) every zoo model", "", "| model | dtype | PSNR mean [min, max] | SSIM | s cold | s warm | ok |",
-             "|---|---|---|---|---|---|---|"]
+             "## (a) every zoo model, float32 vs float64 (same photos, same weights)", "",
+             "| model | float32 PSNR mean [min, max] | float64 PSNR mean [min, max] | SSIM f32 / f64 | s cold f32 / f64 "
+             "| s warm f32 / f64 |", "|---|---|---|---|---|---|"]
+    by = {}
     for r in res["quality"]:
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['psnr_mean']:.1f} [{r['psnr_min']:.1f}, {r['psnr_max']:.1f}] "
-                     f"| {r['ssim_mean']:.3f} | {r['seconds_cold']:.1f} | {r['seconds_warm']:.2f} | {r['status_ok']} |")
+        by.setdefault(r["model"], {})[r["dtype"]] = r
+
+    def cell(r, fmt):
+        return "-" if r is None else fmt(r)
+
+    for name, d in by.items():
+        a, b = d.get("float32"), d.get("float64")
+        ps = lambda r: f"{r['psnr_mean']:.1f} [{r['psnr_min']:.1f}, {r['psnr_max']:.1f}]"  # noqa: E731
+        lines.append(f"| {name} | {cell(a, ps)} | {cell(b, ps)} | {cell(a, lambda r: format(r['ssim_mean'], '.3f'))} / "
+                     f"{cell(b, lambda r: format(r['ssim_mean'], '.3f'))} | {cell(a, lambda r: format(r['seconds_cold'], '.1f'))} / "
+                     f"{cell(b, lambda r: format(r['seconds_cold'], '.1f'))} | {cell(a, lambda r: format(r['seconds_warm'], '.2f'))} / "
+                     f"{cell(b, lambda r: format(r['seconds_warm'], '.2f'))} |")
     lines += ["", "## (b) every layer below the head: jaxinv vs the dense method (same run, float32 photo)", "",
               "Dense = materialise the stacked matrix (float64) + LAPACK lstsq / SVD; jaxinv = matrix-free LSMR "
               "(warm, cold incl. compile) and the security metric's per-layer time (exact rank).", "",
@@ -271,6 +283,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--models", default=None, help="comma-separated zoo models for part (a); their rows replace "
+                                                   "those of an existing copa.json, the others are kept")
     ap.add_argument("--parts", default="quality,layer,cold",
                     help="comma-separated parts to run; the others are kept from an existing copa.json")
     args = ap.parse_args(argv)
@@ -286,7 +300,12 @@ def main(argv=None):
         with open(path) as f:
             res.update(json.load(f))
     if "quality" in parts:
-        res["quality"] = quality(names, n, ["float32"] if args.quick else ["float32", "float64"])
+        rows = quality(args.models.split(",") if args.models else names, n,
+                       ["float32"] if args.quick else ["float32", "float64"])
+        if args.models:
+            new = {(r["model"], r["dtype"]) for r in rows}
+            rows = [r for r in res["quality"] if (r["model"], r["dtype"]) not in new] + rows
+        res["quality"] = rows
     if "layer" in parts:
         res["layer"] = dense_vs_matrix_free(["cnn2_c1", "cnn3_c3", "cnn6"])
     if "cold" in parts:

@@ -9,6 +9,8 @@
 (b) The table: 3 zoo models x (Gaussian noise, pruning, quantisation) levels; measured mean PSNR of the best of
     COPA and Inverting Gradients (cosine + TV, ``--ig-steps``), the metric's prediction, and the smallest level of
     each defence that brings the best attack below 15 dB. Runs go through ``jaxinv.sweep`` (JSONL in benchmarks/out).
+(c) Batch size B (1, 2, 4, 8) and FedAvg local steps K (1, 2, 5, 10; lr 0.01) on cnn2_c1, cnn6_head10 (10 classes)
+    and lenet (10 classes; the 2-class models cannot separate batches of more than 2).
 Writes benchmarks/out/defences.json and defences.md.
 """
 
@@ -67,6 +69,76 @@ def run(models, defences, attacks, n, ig_steps, tag):
     return out, t_sweep
 
 
+def batch_and_fedavg(models, n, ig_steps, batches=(1, 2, 4, 8), ks=(1, 2, 5, 10), lr=0.01):
+    """(c) batch size B and FedAvg local steps K: best of COPA and IG (matched to the truth) vs the prediction."""
+    import jax.numpy as jnp
+
+    import jaxinv
+    from jaxinv import data, metrics
+
+    out = []
+
+    def score(img, x):
+        perm, _ = metrics.match(jnp.clip(img, 0, 1), x, metric="mse")
+        mse = float(jnp.mean((jnp.clip(img, 0, 1)[jnp.asarray(perm)] - x) ** 2))
+        return float(-10 * np.log10(max(mse, 1e-30)))
+
+    for m in models:
+        model = _model(m)
+        shape = model.resolve_input_shape(None)
+        K = jaxinv.num_labels(model)
+        for B in batches:
+            x = data.fit_images(data.sample_images(B, key=jax.random.key(11)), shape)
+            y = jax.random.permutation(jax.random.key(12), max(K, B))[:B] % K
+            g = jaxinv.client_gradient(model, x, y)
+            meas = {}
+            try:
+                meas["copa"] = score(jaxinv.copa(model, g, label=y).image, x)
+            except ValueError as e:
+                meas["copa"] = float("nan")
+                print(f"  copa B={B} on {m}: {str(e).splitlines()[0][:120]}")
+            meas["ig"] = score(jaxinv.attack("ig", model, g, label=y, key=jax.random.key(0), max_steps=ig_steps).image, x)
+            try:
+                pred = jaxinv.security(model, key=jax.random.key(1), batch_size=B).score
+            except ValueError:
+                pred = float("nan")
+            best = max(meas, key=lambda a: -np.inf if np.isnan(meas[a]) else meas[a])
+            out.append({"model": m, "setting": f"batch B={B}", "measured": meas, "best_attack": best,
+                        "best_psnr": meas[best], "predicted": pred})
+            print(f"c {m:<10} batch B={B:<3} predicted {pred:6.1f} measured "
+                  + " ".join(f"{a} {v:6.1f}" for a, v in meas.items()), flush=True)
+        x = data.fit_images(data.sample_images(1, key=jax.random.key(11)), shape)
+        y = jnp.array([1 % K])
+        for k in ks:
+            upd = jaxinv.local_update(model, x, y, steps=k, lr=lr)
+            g = jaxinv.update_as_gradient(upd, steps=k, lr=lr)
+            fed = {"local_steps": k, "local_lr": lr} if k > 1 else {}
+            meas = {"copa": score(jaxinv.copa(model, g, label=y, **fed).image, x),
+                    "ig": score(jaxinv.attack("ig", model, g, label=y, key=jax.random.key(0), max_steps=ig_steps,
+                                              **({"local_steps": k, "local_lr": lr} if k > 1 else {})).image, x)}
+            pred = jaxinv.security(model, key=jax.random.key(1), local_steps=k, local_lr=lr).score
+            best = max(meas, key=lambda a: meas[a])
+            out.append({"model": m, "setting": f"FedAvg K={k}, lr={lr:g}", "measured": meas, "best_attack": best,
+                        "best_psnr": meas[best], "predicted": pred})
+            print(f"c {m:<10} FedAvg K={k:<3} predicted {pred:6.1f} measured "
+                  + " ".join(f"{a} {v:6.1f}" for a, v in meas.items()), flush=True)
+    return out
+
+
+def _batch_md(rows, ig_steps):
+    lines = ["", "## (c) batch size and FedAvg local steps", "",
+             f"Batch: B bundled photos in one gradient, COPA's batch path (head separation + joint layers) and IG "
+             f"({ig_steps} steps, batch_size=B), reconstructions matched to the truth (MSE assignment). FedAvg: one "
+             "photo, K local SGD steps (float32 weights: the update carries their rounding), COPA on update_as_gradient corrected by "
+             "simulating the K steps (copa(local_steps=K)), IG simulating the K steps. Prediction: "
+             "jaxinv.security(batch_size=B) / (local_steps=K, local_lr=lr).", "",
+             "| model | setting | COPA | IG | best | predicted |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['setting']} | {r['measured']['copa']:.1f} | {r['measured']['ig']:.1f} | "
+                     f"{r['best_psnr']:.1f} ({r['best_attack']}) | {r['predicted']:.1f} |")
+    return lines
+
+
 def main(argv=None):
     from jaxinv import defences as D
 
@@ -74,9 +146,25 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--ig-steps", type=int, default=300)
+    ap.add_argument("--parts", default="noise,batch", help="noise: parts (a) and (b); batch: part (c); parts not "
+                                                         "run are kept from an existing defences.json")
     args = ap.parse_args(argv)
     n = 2 if args.quick else args.n
     os.makedirs(OUT, exist_ok=True)
+    parts = set(args.parts.split(","))
+    path = os.path.join(OUT, "defences.json")
+    if "noise" not in parts:
+        with open(path) as f:
+            res = json.load(f)
+        res["batch_fedavg"] = batch_and_fedavg(("cnn2_c1",) if args.quick else ("cnn2_c1", "cnn6_head10", "lenet"),
+                                               n, args.ig_steps)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1, default=float)
+        md = open(os.path.join(OUT, "defences.md")).read().split("\n## (c)")[0].rstrip("\n").split("\n")
+        with open(os.path.join(OUT, "defences.md"), "w") as f:
+            f.write("\n".join(md + _batch_md(res["batch_fedavg"], args.ig_steps)) + "\n")
+        print(f"wrote {OUT}/defences.json and defences.md")
+        return
     levels = (1e-3, 1e-2, 1e-1, 1.0)
     val_models = ("cnn2_c1", "cnn3_c3", "cnn6", "fcn3", "lenet_dlg", "cnn2_c5")
     noise = {f"gaussian {s:g}": D.gaussian(s, relative=True) for s in levels}
@@ -123,6 +211,9 @@ def main(argv=None):
     with open(os.path.join(OUT, "defences.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {OUT}/defences.json and defences.md")
+    if "batch" in parts:
+        main(["--parts", "batch", "--n", str(args.n), "--ig-steps", str(args.ig_steps)] + (["--quick"] if args.quick
+                                                                                            else []))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ def _head_batch(model: Model, structure: _Structure, gleaves, labels, key, opts:
     gW, gb = gleaves[k], gleaves[bl].reshape(-1)
     dtype = gW.dtype
     x_shape = tuple(st.nodes.x_in.shape)
-    n_in = math.prod(x_shape)
 
     def row(e):  # B(x; e_j)^T gW = sum_i delta_ij x_i: row j of G (outputs x inputs)
         sys = LayerSystem.build(st, leaves, e.reshape(st.nodes.z.shape))

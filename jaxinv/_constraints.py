@@ -54,10 +54,10 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import optax
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, PyTree
 
 from ._activations import Activation
-from ._operators import LayerSystem, _norm, operator_norm
+from ._operators import LayerSystem, operator_norm
 
 __all__ = [
     "Pullback",

@@ -30,13 +30,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, Int, PyTree
 
 from ._constraints import Pullback, as_pullback, output_projection, pullback_layer
 from ._gradient import check_labels, loss_fn, validate_grads
 from ._model import Model, _Stage, _Structure
-from ._operators import LayerSystem, _norm, _vdot, _with_leaf, operator_norm, solver_status
+from ._operators import LayerSystem, _norm, _with_leaf, operator_norm, solver_status
 from ._result import LayerReport, Reconstruction
 
 
@@ -423,6 +422,9 @@ def copa(
     pullback: bool | Pullback = False,
     batching: str = "auto",
     batch_size: int | None = None,
+    local_steps: int = 1,
+    local_lr: float | None = None,
+    fedavg_iters: int = 30,
     key: Any = None,
 ) -> Reconstruction:
     r"""Reconstruct the input from a single-image gradient, layer by layer (COPA / R-GAP least squares).
@@ -457,6 +459,16 @@ def copa(
             unstacked gradient means the same. The head separates the batch when it is a dense layer with a bias
             and at least ``B`` outputs; the layers below are solved jointly (:mod:`jaxinv._batch`). Images come
             back in no particular order (:func:`jaxinv.metrics.match`).
+        local_steps, local_lr, fedavg_iters: the shared object is a FedAvg update after ``local_steps``
+            :math:`K > 1` SGD steps with learning rate ``local_lr`` :math:`\eta`, passed as
+            :func:`jaxinv.update_as_gradient` :math:`\bar g = -\Delta/(K\eta)`. The first-order reading
+            :math:`\bar g \approx \nabla\ell(\theta_0)` is corrected by a fixed point: with the current
+            reconstruction :math:`\hat x_t`, :math:`\hat g_{t} = \bar g - (\bar g_\text{sim}(\hat x_t) -
+            \nabla\ell(\theta_0; \hat x_t))` (the client's steps simulated on :math:`\hat x_t`) and
+            :math:`\hat x_{t+1} = \mathrm{COPA}(\hat g_t)`, at most ``fedavg_iters`` times (the truth is a fixed
+            point; on cnn2_c1 with :math:`K=2, \eta=0.01` 18 dB -> 116 dB in 8 iterations, slower as
+            :math:`K\eta` grows). ``loss_trace`` holds :math:`\|\bar g_\text{sim}(\hat x_t) - \bar g\| /
+            \|\bar g\|` per iteration.
         key: the random restarts of a batch's head separation (default ``jax.random.key(0)``); single images are
             deterministic.
 
@@ -469,6 +481,11 @@ def copa(
         >>> rec = jaxinv.copa(model, grads, input_shape=(32, 32, 3))
         >>> jaxinv.psnr(rec.image, x)
     """
+    if local_steps != 1:
+        return _copa_fedavg(model, grads, label=label, input_shape=input_shape, loss=loss, max_steps=max_steps,
+                            rtol=rtol, atol=atol, forward_weight=forward_weight, gradient_weight=gradient_weight,
+                            pullback=pullback, batching=batching, batch_size=batch_size, local_steps=local_steps,
+                            local_lr=local_lr, fedavg_iters=fedavg_iters, key=key)
     structure = model.structure(input_shape)
     gleaves, T = validate_grads(model, grads)
     n_out = math.prod(structure.stages[-1].nodes.x_out.shape)
@@ -541,6 +558,59 @@ def copa(
         loss_trace=jnp.zeros((labels.shape[0], 0), image.dtype), gradient_distance=dist,
         seconds=jnp.asarray(total, jnp.float32), layer_inputs=layer_inputs,
     )
+
+
+def _copa_fedavg(model, grads, *, local_steps, local_lr, fedavg_iters, **kw) -> Reconstruction:
+    """COPA on a FedAvg update read as a gradient, corrected by simulating the client's steps (see :func:`copa`)."""
+    from ._fedavg import _check_steps_lr, local_update, update_as_gradient
+    from ._gradient import client_gradient
+
+    K, lr = _check_steps_lr(local_steps, local_lr, "copa")
+    if isinstance(fedavg_iters, bool) or not isinstance(fedavg_iters, int) or fedavg_iters < 1:
+        raise ValueError(f"fedavg_iters must be a positive integer, got {fedavg_iters!r}")
+    shape = model.resolve_input_shape(kw.get("input_shape"))
+    _, T = validate_grads(model, grads)
+    loss = kw.get("loss", "auto")
+
+    def correction(x, y):  # what the K steps add to the first-order reading, for one target's images
+        sim = update_as_gradient(local_update(model, x, y, steps=K, lr=lr, loss=loss), steps=K, lr=lr)
+        g0 = client_gradient(model, x, y, loss=loss)
+        return jax.tree_util.tree_map(lambda a, b: a - b, sim, g0), sim
+
+    @jax.jit
+    def step(image, labels):
+        x = jnp.clip(image, 0.0, 1.0)
+        if T is None:
+            corr, sim = correction(x, labels)
+        else:
+            corr, sim = jax.vmap(lambda xi, yi: correction(xi[None], yi[None]))(x, labels)
+        g_hat = jax.tree_util.tree_map(lambda o, c: o - c, grads, corr)
+        axes = tuple(range(1, 1 + (T is not None)))
+
+        def dist(a, b):  # relative distance of the simulated update to the shared one, per target
+            num = sum(jnp.sum((u - v) ** 2, axis=tuple(range(len(axes), u.ndim)))
+                      for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+            den = sum(jnp.sum(v**2, axis=tuple(range(len(axes), v.ndim))) for v in jax.tree_util.tree_leaves(b))
+            return jnp.sqrt(num / jnp.maximum(den, 1e-30)).reshape(-1)
+
+        return g_hat, dist(sim, grads)
+
+    rec = copa(model, grads, **kw)
+    trace = []
+    prev = rec.image
+    for _ in range(fedavg_iters):
+        g_hat, d = step(rec.image, rec.label if T is not None or rec.label.size > 1 else rec.label.reshape(1))
+        trace.append(d)
+        kw_t = dict(kw, label=rec.label if (T is not None or rec.label.size > 1) else rec.label[0])
+        rec = copa(model, g_hat, **kw_t)
+        change = float(jnp.max(jnp.abs(rec.image - prev)))
+        prev = rec.image
+        if change < 1e-6:
+            break
+    _, d = step(rec.image, rec.label if T is not None or rec.label.size > 1 else rec.label.reshape(1))
+    trace.append(d)
+    return eqx.tree_at(lambda r: (r.loss_trace, r.gradient_distance), rec,
+                       (jnp.stack(trace, -1).reshape(-1, len(trace)), d.reshape(-1)))
 
 
 def _copa_batch(model, structure, gleaves, label, batch_size, loss, n_out, key, opts) -> Reconstruction:

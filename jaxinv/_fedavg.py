@@ -26,6 +26,8 @@ from ._model import Model
 def _check_steps_lr(steps, lr, where: str) -> tuple[int, float]:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"{where}: steps must be a positive integer (the client's local SGD steps K), got {steps!r}")
+    if lr is None:
+        raise ValueError(f"{where}: the client's learning rate lr (local_lr) is required with {steps} local steps")
     try:
         lr = float(lr)
     except (TypeError, ValueError):

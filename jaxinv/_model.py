@@ -13,7 +13,6 @@ The structure is checked against the user's function on a random input before it
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import equinox as eqx

@@ -1727,7 +1727,8 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
     For natural probe images :math:`p_j` with random labels, the clean gradients :math:`g_j` and the shared ones
     :math:`\tilde g_j = D(g_j; k_j)` are inverted by :func:`jaxinv.copa` with the labels known. With
     ``local_steps`` :math:`K > 1` the client shares a FedAvg update, read as the first-order gradient
-    :func:`jaxinv.update_as_gradient` before the defence. Layer :math:`l`'s **noise gain** is
+    :func:`jaxinv.update_as_gradient` before the defence, and COPA corrects it by simulating the steps
+    (``copa(..., local_steps=K)``). Layer :math:`l`'s **noise gain** is
     :math:`\mathrm{RMS}(\tilde x_{l-1} - \hat x_{l-1}) / \mathrm{RMS}(\tilde g - g)` (reconstructed layer inputs
     from the shared and the clean gradient, RMS over entries and probes): how much one unit of gradient perturbation
     moves that layer's answer, the product of the conditioning of every layer above it. The image error the
@@ -1755,7 +1756,8 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
     if defence is not None:
         gd = jax.vmap(defence)(gd, jax.random.split(k_d, x.shape[0]))
     rc = _copa(model, g, label=y, input_shape=shape, loss=loss)
-    rn = _copa(model, gd, label=y, input_shape=shape, loss=loss)
+    rn = _copa(model, gd, label=y, input_shape=shape, loss=loss,
+               **({"local_steps": local_steps, "local_lr": local_lr} if local_steps > 1 else {}))
     diff = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
             for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(g))]
     g_rms = math.sqrt(sum(float(np.sum(d * d)) for d in diff) / max(sum(d.size for d in diff), 1))

@@ -18,8 +18,8 @@ Rows (JSON objects, one per line):
   ``label_recovered``, ``psnr`` (``null`` with ``exact: true`` for a bit-exact reconstruction), ``ssim``,
   ``gradient_distance``, ``seconds`` (the task's wall time shared over its images), ``task_seconds``, ``error``
   (why the attack could not run, else ``null``), ``host``, ``backend``, ``jaxinv``.
-* ``kind: "security"``, one per model: the :func:`jaxinv.security` score, verdict, COPA and R-GAP indices and the
-  leaking layer (``error`` if the analysis does not apply).
+* ``kind: "security"``, one per model and defence: the :func:`jaxinv.security` score (under that defence),
+  verdict, COPA and R-GAP indices and the leaking layer (``error`` if the analysis does not apply).
 
 A row's identity is ``(kind, model, defence, attack, options, image)``: resuming with other options runs again.
 """
@@ -69,7 +69,7 @@ class _Task:
 
     def row_keys(self) -> list[tuple]:
         if self.kind == "security":
-            return [("security", self.model_name, "none", "", "", -1)]
+            return [("security", self.model_name, self.defence_name, "", "", -1)]
         return [("attack", self.model_name, self.defence_name, self.attack, self.options_text, i) for i in self.indices]
 
 
@@ -122,7 +122,7 @@ def run_task(task: _Task, backend: str = "local") -> list[dict]:
     if task.kind == "security":
         row = dict(kind="security", **base, attack="", options_text="", image=-1)
         try:
-            rep = security(model, input_shape=task.input_shape, key=key)
+            rep = security(model, input_shape=task.input_shape, key=key, defence=task.defence)
         except ValueError as e:
             return [dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                          seconds=time.perf_counter() - t0, **meta)]
@@ -257,7 +257,8 @@ def sweep(
             being ``(grads, key) -> grads`` on one client's gradient (vmapped over the images), ``None`` for no
             defence; default ``{"none": None}``.
         labels: ``(N,)`` labels for every model (default: random per model from ``key``).
-        security: also write one ``kind: "security"`` row per model (:func:`jaxinv.security`).
+        security: also write one ``kind: "security"`` row per model and defence (:func:`jaxinv.security` with
+            ``defence=``: the predicted PSNR under it).
         chunk: images per task (stacked targets of one call).
         backend: ``"local"`` (this process, its default devices) or ``"ray"`` (the Ray cluster ``ray.init`` connected
             to; a local one is started if none is).
@@ -336,11 +337,12 @@ def sweep(
         except ValueError as e:
             raise ValueError(f"models[{mname!r}]: {str(e).splitlines()[0]}") from None
         mkey = seed("model", mname)
-        if security:
-            t = _Task("security", mname, m, "none", None, "", {}, "", (), None, None, mkey, shape)
-            order += t.row_keys()
-            if any(k not in done for k in t.row_keys()):
-                tasks.append(t)
+        if security:  # one report per defence: the score predicts the layer-wise attack under it
+            for dname, d in defs.items():
+                t = _Task("security", mname, m, dname, d, "", {}, "", (), None, None, mkey, shape)
+                order += t.row_keys()
+                if any(k not in done for k in t.row_keys()):
+                    tasks.append(t)
         x = None  # built lazily: only when some run of this model is missing
         for dname, d in defs.items():
             for a in names:

@@ -1,7 +1,6 @@
 """Every zoo model through every adapter (linen, nnx, plain apply_fn): the same layers, the same function."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -7,8 +7,6 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jaxinv
@@ -40,12 +38,13 @@ def _grid(fcn, out, **kw):
 def test_sweep_rows_resume_and_torn_file(fcn, tmp_path):
     out = tmp_path / "sweep.jsonl"
     rows, calls = _grid(fcn, out)
-    # 2 models x (1 security + 2 defences x 3 images)
-    assert len(rows) == 14 and len(calls) == 2 * (1 + 2 * 2)
+    # 2 models x 2 defences x (1 security + 3 images)
+    assert len(rows) == 16 and len(calls) == 2 * (2 + 2 * 2)
     with open(out) as f:
         assert [json.loads(line) for line in f] == rows
-    sec = {r["model"]: r for r in rows if r["kind"] == "security"}
-    assert sec["cnn2_c1"]["error"] is None and sec["cnn2_c1"]["copa_index"] == 0 and sec["cnn2_c1"]["score"] > 60
+    sec = {(r["model"], r["defence"]): r for r in rows if r["kind"] == "security"}
+    assert sec["cnn2_c1", "none"]["error"] is None and sec["cnn2_c1", "none"]["copa_index"] == 0
+    assert sec["cnn2_c1", "none"]["score"] > 60 and sec["cnn2_c1", "noise"]["score"] < sec["cnn2_c1", "none"]["score"]
     att = [r for r in rows if r["kind"] == "attack"]
     assert sorted({r["image"] for r in att}) == [0, 1, 2]
     # every reconstruction is scored against its true image: exact without a defence, worse under noise
@@ -68,7 +67,7 @@ def test_sweep_rows_resume_and_torn_file(fcn, tmp_path):
     out.write_text("".join(keep) + lines[-1][:25])
     again, calls = _grid(fcn, out)
     assert len(calls) == 1 and calls[0]["model"] == "fcn3" and calls[0]["images"] == [2]
-    assert len(again) == 14
+    assert len(again) == 16
     fixed = {(r["model"], r["defence"], r["image"]): r["psnr"] for r in again if r["kind"] == "attack"}
     first = {(r["model"], r["defence"], r["image"]): r["psnr"] for r in rows if r["kind"] == "attack"}
     assert fixed.keys() == first.keys()
