@@ -568,7 +568,6 @@ def _copa_fedavg(model, grads, *, local_steps, local_lr, fedavg_iters, **kw) -> 
     K, lr = _check_steps_lr(local_steps, local_lr, "copa")
     if isinstance(fedavg_iters, bool) or not isinstance(fedavg_iters, int) or fedavg_iters < 1:
         raise ValueError(f"fedavg_iters must be a positive integer, got {fedavg_iters!r}")
-    shape = model.resolve_input_shape(kw.get("input_shape"))
     _, T = validate_grads(model, grads)
     loss = kw.get("loss", "auto")
 

@@ -168,8 +168,9 @@ class AuditStrategy(Strategy):
                      "shares": self.shares, "clients": []}
         if self.security:
             try:
-                rep = security(model, key=key, local_steps=self.local_steps if self.shares == "weights" else 1,
-                               local_lr=self.local_lr)
+                fed = ({"local_steps": self.local_steps, "local_lr": self.local_lr} if self.shares == "weights"
+                       else {})
+                rep = security(model, key=key, **fed)
                 rnd["security"] = {"score": rep.score, "verdict": rep.verdict, "copa_index": rep.copa_index,
                                    "score_undefended": rep.score_undefended}
             except ValueError as e:

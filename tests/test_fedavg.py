@@ -98,7 +98,7 @@ def test_security_accounts_for_local_steps(setup):
     model, x, y = setup
     out = []
     for steps, lr in ((2, 1e-2), (10, 1e-1)):
-        rep = jaxinv.security(model, key=jax.random.key(0), local_steps=steps, local_lr=lr)
+        rep = jaxinv.security(model, key=jax.random.key(0), local_steps=steps, local_lr=lr, probes=2)
         assert rep.defence == f"fedavg(K={steps}, lr={lr:g})"
         upd = jaxinv.local_update(model, x, y, steps=steps, lr=lr)
         rec = jaxinv.copa(model, jaxinv.update_as_gradient(upd, steps=steps, lr=lr), label=3, local_steps=steps,
@@ -110,3 +110,16 @@ def test_security_accounts_for_local_steps(setup):
     assert abs(p2 - m2) < 8, out
     with pytest.raises(ValueError, match="local_lr"):
         jaxinv.security(model, key=jax.random.key(0), local_steps=3)
+
+
+def test_weights_rounding_is_accounted_for_with_one_step():
+    """Shared float32 weights: theta_0 - lr g keeps ~eps|theta| of the update, which CNN6's inversion amplifies."""
+    module, variables = zoo.build("cnn6_head10", key=jax.random.key(10))
+    model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
+    grad_score = jaxinv.security(model, key=jax.random.key(1), probes=2).score
+    weights = jaxinv.security(model, key=jax.random.key(1), probes=2, local_steps=1, local_lr=0.01)
+    assert weights.defence == "fedavg(K=1, lr=0.01)"
+    assert grad_score > 60 and weights.score < 30, (grad_score, weights.score)
+    x = jnp.asarray(photo("coffee", 32))
+    g = jaxinv.update_as_gradient(jaxinv.local_update(model, x, jnp.array([2]), steps=1, lr=0.01), steps=1, lr=0.01)
+    assert psnr(np.clip(np.asarray(jaxinv.copa(model, g, label=2).image), 0, 1), x) < 30
