@@ -348,7 +348,7 @@ def test_unknown_attack_lists_names():
         ("ig", dict(box=(0.0,)), r"'box'.*tuple\[float, float\] \| None"),
         ("ig", dict(signed=1), r"'signed'.*must be bool"),
         ("dlg", dict(tv_weight=1e-4), r"unknown option 'tv_weight' for attack 'dlg'.*accepts:.*memory_size"),
-        ("copa", dict(batch_size=2), r"unknown option 'batch_size' for attack 'copa'.*accepts:.*forward_weight"),
+        ("copa", dict(steps=2), r"unknown option 'steps' for attack 'copa'.*accepts:.*forward_weight"),
         ("copa", dict(max_steps="10"), r"'max_steps' of attack 'copa' must be int"),
     ],
 )

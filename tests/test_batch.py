@@ -75,5 +75,5 @@ def test_batch_errors_and_the_metric():
     rep = jaxinv.security(model, key=jax.random.key(0), batch_size=4)
     assert rep.defence == "batch(B=4)" and rep.score > 60 and rep.score <= one.score
     deep = _model("cnn6_head10")
-    r1, r4 = (jaxinv.security(deep, key=jax.random.key(0), batch_size=b).score for b in (2, 4))
-    assert r1 > 40 and r4 < 25, (r1, r4)  # CNN6's convolutions need their gradient rows: a batch shares them
+    r4 = jaxinv.security(deep, key=jax.random.key(0), batch_size=4, probes=1).score
+    assert r4 < 25, r4  # CNN6's convolutions need their gradient rows, which a batch shares (B = 1: > 90 dB)
