@@ -28,6 +28,7 @@ def test_notebooks_found_and_stripped():
         "01_quickstart.ipynb",
         "02_paper_comparison.ipynb",
         "03_architecture_study.ipynb",
+        "04_federated.ipynb",
     ]
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
@@ -122,3 +123,23 @@ def test_03_architecture_study(tmp_path, monkeypatch):
     assert any(r["deficiency"] == 0 for r in rows) and any(r["deficiency"] > 0 for r in rows)
     assert re.search(r"Spearman rank correlation with the measured PSNR: score -?\d", text)
     assert pictures >= 2
+
+
+@pytest.mark.slow
+def test_04_federated(tmp_path, monkeypatch):
+    text, pictures, _ = run(NOTEBOOK_DIR / "04_federated.ipynb", tmp_path, monkeypatch)
+    rows = [(m[0], float(m[1]), float(m[2]))
+            for m in re.findall(r"^defence (\S+\(.*?\))\s+predicted\s+(\S+) dB measured\s+(\S+) dB", text, re.M)]
+    assert len(rows) >= 5
+    noise = [r for r in rows if r[0].startswith("gaussian")]
+    assert noise[0][2] > noise[-1][2] + 15  # more noise, worse reconstruction
+    for name, pred, meas in rows:
+        assert abs(pred - meas) < 8, (name, pred, meas)  # the metric's prediction against COPA on the photos
+    b = re.search(r"batch B=\d+: COPA mean PSNR (\S+) dB \(matched\), predicted (\S+) dB; labels (\[.*?\]) vs "
+                  r"(\[.*?\])", text)
+    assert float(b.group(1)) > 60 and float(b.group(2)) > 60 and b.group(3) == b.group(4)
+    fed = re.findall(r"FedAvg K=\d+ lr=\S+: first-order (\S+) dB, corrected (\S+) dB, predicted (\S+) dB", text)
+    assert len(fed) >= 1
+    for first, fixed, pred in fed:
+        assert float(fixed) > float(first) + 10, fed  # simulating the client's steps undoes much of them
+    assert "epsilon = " in text and pictures >= 1
