@@ -451,9 +451,11 @@ def copa(
         batching: how stacked targets are solved: ``"vmap"`` (one batched solve per layer; what accelerators
             and sharded targets want, see :func:`jaxinv.shard_targets`) or ``"map"`` (``lax.map``: one target after
             another inside one compiled loop, each with its own number of LSMR iterations; on CPU 1.4-1.8x faster
-            per target, because vmapped convolutions by a batched kernel become grouped convolutions, but on
-            R-GAP's CNN6 one of 8 photos' input layer converged to a 20x larger residual than unstacked, not yet
-            explained). ``"auto"`` (default) is ``vmap``.
+            per target, because vmapped convolutions by a batched kernel become grouped convolutions; on R-GAP's
+            CNN6 one of 8 photos came out at 63 dB instead of 95: the two orders round differently in float32, and
+            CNN6 amplifies a change of its gradient by ~1e6 at its input layer (``security(defence=...)``'s noise
+            gain), so float32 results on such models differ by tens of dB between execution orders; float64 removes
+            it). ``"auto"`` (default) is ``vmap``.
         batch_size: ``B > 1`` images behind one (unstacked) gradient, when ``label`` is ``None`` (their labels are
             then recovered as a multiset, :func:`jaxinv.recover_labels`); a ``label`` of shape ``(B,)`` with an
             unstacked gradient means the same. The head separates the batch when it is a dense layer with a bias

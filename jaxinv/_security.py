@@ -1302,9 +1302,11 @@ class SecurityReport:
         lines.append(f"COPA index {self.copa_index}   R-GAP index {self.rgap_index}   "
                      f"score (predicted attack PSNR) {self.score:.1f} dB   rank tolerance {self.tolerance:g}")
         if self.defence is not None:
-            gains = ", ".join(f"{r.path} x{r.noise_gain:.3g}" for r in self.layers)
-            lines.append(f"under defence {self.defence}: score {self.score_undefended:.1f} -> {self.score:.1f} dB "
-                         f"(image MSE added {self.noise_mse:.2e}); noise gain per layer: {gains}")
+            line = f"under {self.defence}: score {self.score_undefended:.1f} -> {self.score:.1f} dB"
+            if math.isfinite(self.noise_mse):
+                gains = ", ".join(f"{r.path} x{r.noise_gain:.3g}" for r in self.layers)
+                line += f" (image MSE added {self.noise_mse:.2e}); noise gain per layer: {gains}"
+            lines.append(line)
         lines.append(f"verdict: {self.verdict}")
         for a in self.advice:
             lines.append(f"  - {a.text}")

@@ -112,10 +112,10 @@ def test_weights_rounding_is_accounted_for_with_one_step():
     """Shared float32 weights: theta_0 - lr g keeps ~eps|theta| of the update, which CNN6's inversion amplifies."""
     module, variables = zoo.build("cnn6_head10", key=jax.random.key(10))
     model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
-    grad_score = jaxinv.security(model, key=jax.random.key(1), probes=2).score
     weights = jaxinv.security(model, key=jax.random.key(1), probes=2, local_steps=1, local_lr=0.01)
     assert weights.defence == "fedavg(K=1, lr=0.01)"
-    assert grad_score > 60 and weights.score < 30, (grad_score, weights.score)
+    # the gradient itself gives CNN6's input away (> 90 dB, benchmarks/out/copa.md); its weights after one step do not
+    assert weights.score_undefended > 60 and weights.score < 30, (weights.score_undefended, weights.score)
     x = jnp.asarray(photo("coffee", 32))
     g = jaxinv.update_as_gradient(jaxinv.local_update(model, x, jnp.array([2]), steps=1, lr=0.01), steps=1, lr=0.01)
     assert psnr(np.clip(np.asarray(jaxinv.copa(model, g, label=2).image), 0, 1), x) < 30
