@@ -452,10 +452,9 @@ def copa(
             and sharded targets want, see :func:`jaxinv.shard_targets`) or ``"map"`` (``lax.map``: one target after
             another inside one compiled loop, each with its own number of LSMR iterations; on CPU 1.4-1.8x faster
             per target, because vmapped convolutions by a batched kernel become grouped convolutions; on R-GAP's
-            CNN6 one of 8 photos came out at 63 dB instead of 95: the two orders round differently in float32, and
-            CNN6 amplifies a change of its gradient by ~1e6 at its input layer (``security(defence=...)``'s noise
-            gain), so float32 results on such models differ by tens of dB between execution orders; float64 removes
-            it). ``"auto"`` (default) is ``vmap``.
+            CNN6 one of 8 photos came out at 63 dB instead of 95, not yet explained: it is not the gradient's
+            rounding, since relative perturbations of 1e-7 change CNN6's results by less than 0.5 dB).
+            ``"auto"`` (default) is ``vmap``.
         batch_size: ``B > 1`` images behind one (unstacked) gradient, when ``label`` is ``None`` (their labels are
             then recovered as a multiset, :func:`jaxinv.recover_labels`); a ``label`` of shape ``(B,)`` with an
             unstacked gradient means the same. The head separates the batch when it is a dense layer with a bias
