@@ -25,3 +25,9 @@ def photo(name="astronaut", size=16):
 def psnr(a, b):
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return 10 * np.log10(1.0 / max(mse, 1e-30))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` first (stable order otherwise): with ``pytest -n 2`` the long ones start early and the
+    short ones fill the gaps, instead of one worker finishing a notebook alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

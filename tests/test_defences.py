@@ -134,6 +134,7 @@ def test_copa_psnr_falls_with_the_noise_level():
     assert out[0] > 80 and all(a > b for a, b in zip(out, out[1:])), out
 
 
+@pytest.mark.slow
 def test_security_under_a_defence_predicts_the_attack():
     """The score under a defence tracks COPA's measured PSNR on real photos (predicted from synthetic probes)."""
     module, variables = zoo.build("cnn2_c1", key=jax.random.key(0))

@@ -94,6 +94,7 @@ def test_copa_corrects_the_first_order_reading_by_simulating_the_steps(setup):
         jaxinv.copa(model, g, label=3, local_steps=2)
 
 
+@pytest.mark.slow
 def test_security_accounts_for_local_steps(setup):
     model, x, y = setup
     steps, lr = 2, 1e-2
@@ -108,6 +109,7 @@ def test_security_accounts_for_local_steps(setup):
         jaxinv.security(model, key=jax.random.key(0), local_steps=3)
 
 
+@pytest.mark.slow
 def test_weights_rounding_is_accounted_for_with_one_step():
     """Shared float32 weights: theta_0 - lr g keeps ~eps|theta| of the update, which CNN6's inversion amplifies."""
     module, variables = zoo.build("cnn6_head10", key=jax.random.key(10))

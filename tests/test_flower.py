@@ -67,6 +67,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_flower_simulation_audits_every_client_every_round(tmp_path):
     if os.environ.get("JAXINV_REQUIRE_RAY") != "1":
         pytest.importorskip("flwr")

@@ -130,7 +130,7 @@ def test_04_federated(tmp_path, monkeypatch):
     text, pictures, _ = run(NOTEBOOK_DIR / "04_federated.ipynb", tmp_path, monkeypatch)
     rows = [(m[0], float(m[1]), float(m[2]))
             for m in re.findall(r"^defence (\S+\(.*?\))\s+predicted\s+(\S+) dB measured\s+(\S+) dB", text, re.M)]
-    assert len(rows) >= 5
+    assert len(rows) >= 4
     noise = [r for r in rows if r[0].startswith("gaussian")]
     assert noise[0][2] > noise[-1][2] + 15  # more noise, worse reconstruction
     for name, pred, meas in rows:

@@ -35,6 +35,7 @@ def _grid(fcn, out, **kw):
     return rows, calls
 
 
+@pytest.mark.slow
 def test_sweep_rows_resume_and_torn_file(fcn, tmp_path):
     out = tmp_path / "sweep.jsonl"
     rows, calls = _grid(fcn, out)
@@ -138,6 +139,7 @@ RAY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sweep_on_a_ray_cluster(tmp_path):
     if os.environ.get("JAXINV_REQUIRE_RAY") != "1":
         pytest.importorskip("ray")
