@@ -10,7 +10,7 @@ import jax
 import pytest
 
 import jaxinv
-from jaxinv import zoo
+from jaxinv import data, zoo
 
 
 def _noise(grads, key):
@@ -86,7 +86,7 @@ def test_sweep_rows_resume_and_torn_file(fcn, tmp_path):
 
 def test_sweep_images_array_and_grey_model(tmp_path):
     """Given images are fitted to each model's input (here RGB 32x32 photos for a 1-channel 28x28 LeNet)."""
-    photos = jaxinv.data.sample_images(2, size=32, key=jax.random.key(3))
+    photos = data.sample_images(2, size=32, key=jax.random.key(3))
     rows = jaxinv.sweep(["lenet_dlg"], photos, labels=[1, 2], out=tmp_path / "s.jsonl", key=jax.random.key(0),
                         attacks=("copa",), security=False)
     assert [r["label"] for r in rows] == [1, 2]
@@ -129,12 +129,12 @@ RAY_SCRIPT = textwrap.dedent("""
     try:
         module, variables = zoo.build("fcn3", key=jax.random.key(1))
         fcn = jaxinv.from_linen(module, variables, input_shape=zoo.input_shape("fcn3"), name="fcn3")
-        kw = dict(key=jax.random.key(0), attacks=("copa",), chunk=2)
-        rows = jaxinv.sweep({"cnn2_c1": "cnn2_c1", "fcn3": fcn}, 4, out=sys.argv[1], backend="ray", **kw)
+        kw = dict(key=jax.random.key(0), attacks=("copa",), chunk=1)
+        rows = jaxinv.sweep({"cnn2_c1": "cnn2_c1", "fcn3": fcn}, 2, out=sys.argv[1], backend="ray", **kw)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    local = jaxinv.sweep({"cnn2_c1": "cnn2_c1", "fcn3": fcn}, 4, out=sys.argv[2], backend="local", **kw)
+    local = jaxinv.sweep({"cnn2_c1": "cnn2_c1", "fcn3": fcn}, 2, out=sys.argv[2], backend="local", **kw)
     print("RESULT " + json.dumps({"ray": rows, "local": local}))
 """)
 
@@ -150,7 +150,7 @@ def test_sweep_on_a_ray_cluster(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
     ray_rows, local = res["ray"], res["local"]
-    assert len(ray_rows) == len(local) == 2 * (1 + 4)
+    assert len(ray_rows) == len(local) == 2 * (1 + 2)
     assert {r["backend"] for r in ray_rows} == {"ray"}
     # tasks ran on the cluster's nodes (the driver process has no node id in its rows)
     assert all(r.get("node") for r in ray_rows)
