@@ -352,6 +352,22 @@ def _check_attacks(attacks: Any) -> tuple[str, ...]:
     return names
 
 
+def merged_options(names: tuple[str, ...], attack_options: dict | None) -> dict[str, dict[str, Any]]:
+    """``{attack: options}`` for ``names``: :data:`AUDIT_DEFAULTS` overridden by ``attack_options``, each checked by
+    the registry (``TypeError``/``ValueError`` naming the attack and option)."""
+    attack_options = {} if attack_options is None else attack_options
+    if not isinstance(attack_options, dict) or not all(isinstance(v, dict) for v in attack_options.values()):
+        raise TypeError("attack_options must be a dict {attack name: {option: value}}, e.g. "
+                        "{'ig': {'max_steps': 200}}")
+    extra = [k for k in attack_options if k not in names]
+    if extra:
+        raise ValueError(f"attack_options has options for {extra[0]!r}, which is not in attacks {names}")
+    opts = {n: {**AUDIT_DEFAULTS.get(n, {}), **attack_options.get(n, {})} for n in names}
+    for n in names:
+        check_options(n, opts[n])
+    return opts
+
+
 def _metrics(rec_images: jax.Array, truth: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     from . import metrics
 
@@ -526,16 +542,7 @@ def audit(
         raise TypeError(f"model must be a jaxinv.Model (from_linen / from_nnx / from_fn), got {type(model).__name__}")
     key = _check_key(key)
     names = _check_attacks(attacks)
-    attack_options = {} if attack_options is None else attack_options
-    if not isinstance(attack_options, dict) or not all(isinstance(v, dict) for v in attack_options.values()):
-        raise TypeError("attack_options must be a dict {attack name: {option: value}}, e.g. "
-                        "{'ig': {'max_steps': 200}}")
-    extra = [k for k in attack_options if k not in names]
-    if extra:
-        raise ValueError(f"attack_options has options for {extra[0]!r}, which is not in attacks {names}")
-    opts = {n: {**AUDIT_DEFAULTS.get(n, {}), **attack_options.get(n, {})} for n in names}
-    for n in names:
-        check_options(n, opts[n])
+    opts = merged_options(names, attack_options)
     shape = model.resolve_input_shape(input_shape)
     dtype = _param_dtype(model)
     x = check_images(images, shape).astype(dtype)

@@ -279,10 +279,9 @@ def sweep(
         >>> import pandas as pd; pd.read_json("sweep.jsonl", lines=True).groupby(["model", "attack"]).psnr.mean()
     """
     from . import data
-    from ._audit import AUDIT_DEFAULTS, _check_attacks, _jsonable, check_images
+    from ._audit import _check_attacks, _jsonable, check_images, merged_options
     from ._gradient import check_labels, num_labels
     from ._security import _check_key
-    from .attacks._registry import check_options
 
     key = _check_key(key)
     mods = _models(models)
@@ -292,13 +291,7 @@ def sweep(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
-    attack_options = {} if attack_options is None else attack_options
-    extra = [k for k in attack_options if k not in names]
-    if extra:
-        raise ValueError(f"attack_options has options for {extra[0]!r}, which is not in attacks {names}")
-    opts = {n: {**AUDIT_DEFAULTS.get(n, {}), **attack_options.get(n, {})} for n in names}
-    for n in names:
-        check_options(n, opts[n])
+    opts = merged_options(names, attack_options)
     opt_text = {n: json.dumps(_jsonable(opts[n]), sort_keys=True) for n in names}
     if isinstance(images, (int, np.integer)) and not isinstance(images, bool):
         base_images = None
