@@ -33,7 +33,7 @@ import lineax as lx
 from jaxtyping import Array, Int, PyTree
 
 from ._constraints import Pullback, as_pullback, output_projection, pullback_layer
-from ._gradient import check_labels, loss_fn, validate_grads
+from ._gradient import _label_shape, check_labels, loss_fn, validate_grads
 from ._model import Model, _Stage, _Structure
 from ._operators import LayerSystem, _norm, _with_leaf, operator_norm, solver_status
 from ._result import LayerReport, Reconstruction
@@ -489,6 +489,11 @@ def copa(
                             local_lr=local_lr, fedavg_iters=fedavg_iters, key=key)
     structure = model.structure(input_shape)
     gleaves, T = validate_grads(model, grads)
+    lshape = _label_shape(structure.stages[-1].nodes.x_out.shape[1:])
+    if lshape:
+        return _copa_segmentation(model, structure, gleaves, T, label, lshape, loss, pullback, batch_size,
+                                  CopaOptions(rtol=rtol, atol=atol, max_steps=max_steps, forward_weight=forward_weight,
+                                              gradient_weight=gradient_weight, loss="cross_entropy"))
     n_out = math.prod(structure.stages[-1].nodes.x_out.shape)
     n_lab = 2 if n_out == 1 else n_out
     loss = loss if loss != "auto" else ("logistic" if n_out == 1 else "cross_entropy")
@@ -559,6 +564,31 @@ def copa(
         loss_trace=jnp.zeros((labels.shape[0], 0), image.dtype), gradient_distance=dist,
         seconds=jnp.asarray(total, jnp.float32), layer_inputs=layer_inputs,
     )
+
+
+def _copa_segmentation(model, structure, gleaves, T, label, lshape, loss, pullback, batch_size, opts):
+    """Argument checks for a segmentation model's gradient, then :func:`jaxinv._seg.copa_seg`."""
+    from ._seg import copa_seg
+
+    K = structure.stages[-1].nodes.x_out.shape[-1]
+    want = (T,) + lshape if T is not None else lshape
+    if label is None:
+        raise ValueError(
+            f"model {model.name!r} is a segmentation model (logits {structure.stages[-1].nodes.x_out.shape[1:]} per "
+            f"image): pass label= the client's mask of shape {want} (class indices per pixel). A segmentation "
+            "gradient sums the error over pixels, so its mask is not read off the head's sign as a classifier's label is")
+    label = check_labels(jnp.asarray(label), K, name="label")
+    if label.shape == (1,) + lshape and T is None:
+        label = label[0]
+    if tuple(label.shape) != want:
+        raise ValueError(f"label (the mask) must have shape {want} for model {model.name!r}, got {tuple(label.shape)}"
+                         + (f" ({T} stacked targets: one mask each)" if T is not None else ""))
+    if (batch_size or 1) > 1:
+        raise ValueError("batch_size > 1 is not supported for segmentation gradients by copa: use "
+                         "jaxinv.attack('ig', ..., batch_size=B) with masks of shape (B, H, W)")
+    if pullback is not False:
+        raise ValueError("pullback is not supported for segmentation gradients yet: use pullback=False")
+    return copa_seg(model, structure, gleaves, label, T, loss, opts)
 
 
 def _copa_fedavg(model, grads, *, local_steps, local_lr, fedavg_iters, **kw) -> Reconstruction:
@@ -649,7 +679,8 @@ def _copa_batch(model, structure, gleaves, label, batch_size, loss, n_out, key, 
 def gradient_distance(model: Model, image, label, gleaves, loss: str, n_out: int) -> Array:
     r"""Relative distance :math:`\|g(\hat x) - g\| / \|g\|` for one target (image ``(1, ...)``)."""
     lf = loss_fn(loss, n_out)
-    g_hat = jax.tree_util.tree_leaves(jax.grad(lambda p: lf(model.apply_fn(p, image), label.reshape(1)))(model.params))
+    label = label.reshape((1,) + label.shape)  # one label, or one mask (segmentation)
+    g_hat = jax.tree_util.tree_leaves(jax.grad(lambda p: lf(model.apply_fn(p, image), label))(model.params))
     num = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(g_hat, gleaves)))
     den = jnp.sqrt(sum(jnp.sum(b**2) for b in gleaves))
     return num / jnp.maximum(den, jnp.finfo(image.dtype).tiny)

@@ -36,16 +36,19 @@ def _resolve_loss(loss: str, num_outputs: int) -> str:
 
 
 def loss_fn(loss: str, num_outputs: int) -> Callable[[Array, Array], Array]:
-    """Per-batch mean loss ``(logits (B, K), labels (B,)) -> scalar``.
+    r"""Per-batch mean loss ``(logits, labels) -> scalar``.
 
-    ``cross_entropy``: softmax cross-entropy with integer labels in ``[0, K)``. ``logistic``: binary
-    cross-entropy on a single logit with labels in ``{0, 1}`` (R-GAP's setting). ``auto`` picks ``logistic``
-    for one output, ``cross_entropy`` otherwise.
+    ``cross_entropy``: softmax cross-entropy with integer labels in ``[0, K)``: logits ``(B, K)`` and labels
+    ``(B,)`` for classification; for segmentation (dense prediction) logits ``(B, H, W, K)`` and a mask label
+    ``(B, H, W)`` (any number of spatial axes), the loss being the mean over the batch *and* the pixels,
+    :math:`rac{1}{BHW}\sum_{i,p} -\log\mathrm{softmax}(z_{ip})_{y_{ip}}`. ``logistic``: binary cross-entropy on
+    a single logit with labels in ``{0, 1}`` (R-GAP's setting). ``auto`` picks ``logistic`` for one output,
+    ``cross_entropy`` otherwise.
     """
     kind = _resolve_loss(loss, num_outputs)
 
     def ce(logits, y):
-        logits = logits.reshape(logits.shape[0], -1)
+        logits = logits.reshape((logits.shape[0], -1) if y.ndim <= 1 else tuple(y.shape) + (-1,))
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     def logistic(logits, y):
@@ -55,9 +58,22 @@ def loss_fn(loss: str, num_outputs: int) -> Callable[[Array, Array], Array]:
     return ce if kind == "cross_entropy" else logistic
 
 
+def label_shape(model: Model, input_shape=None) -> tuple[int, ...]:
+    """Shape of one example's label: ``()`` for a classifier, the output's spatial shape ``(H, W)`` for a
+    segmentation model (logits ``(H, W, K)`` per example: one class per pixel, a mask)."""
+    return _label_shape(model.output_shape(input_shape))
+
+
+def _label_shape(out_shape) -> tuple[int, ...]:
+    out = tuple(int(s) for s in out_shape)
+    return out[:-1] if len(out) >= 2 and int(np.prod(out[:-1])) > 1 else ()
+
+
 def num_labels(model: Model, input_shape=None) -> int:
-    """Number of valid label values: classes for cross-entropy, 2 for a single logistic output."""
-    k = int(np.prod(model.output_shape(input_shape)))
+    """Number of valid label values: classes for cross-entropy (per pixel for segmentation), 2 for a single
+    logistic output."""
+    out = model.output_shape(input_shape)
+    k = int(out[-1]) if _label_shape(out) else int(np.prod(out))
     return 2 if k == 1 else k
 
 
@@ -78,7 +94,7 @@ def check_labels(y, n: int, *, name: str = "label"):
 def client_gradient(
     model: Model,
     x: Float[Array, "B *shape"],
-    y: Int[Array, " B"],
+    y: Int[Array, "B *mask"],
     *,
     loss: str = "auto",
     params: PyTree | None = None,
@@ -88,7 +104,8 @@ def client_gradient(
     Args:
         model: the model (its parameters are the point of differentiation unless ``params`` is given).
         x: the client's images, batch axis first, in the model's input format.
-        y: integer labels, shape ``(B,)``.
+        y: integer labels, shape ``(B,)``; for a segmentation model (logits ``(B, H, W, K)``) mask labels
+            ``(B, H, W)``, one class per pixel (per-pixel cross-entropy, mean over batch and pixels).
         loss: ``cross_entropy``, ``logistic`` (single output) or ``auto``.
         params: parameters to differentiate at (default ``model.params``).
 
@@ -101,15 +118,20 @@ def client_gradient(
     params = model.params if params is None else params
     x = jnp.asarray(x)
     y = jnp.asarray(y)
-    if y.ndim == 0:
+    out = tuple(jax.eval_shape(model.apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[1:]) \
+        if x.ndim >= 2 else ()
+    lshape = _label_shape(out)
+    if y.ndim == len(lshape):
         y = y[None]
-    if x.ndim < 2 or x.shape[0] != y.shape[0]:
+    if x.ndim < 2 or x.shape[0] != y.shape[0] or tuple(y.shape[1:]) != lshape:
+        want = f"(B, {', '.join(map(str, lshape))})" if lshape else "(B,)"
         raise ValueError(
-            f"x (shape {tuple(x.shape)}) must have a batch axis first matching y (shape {tuple(y.shape)}); "
-            "for one image use x[None] and y of shape (1,)"
+            f"x (shape {tuple(x.shape)}) must have a batch axis first matching y (shape {tuple(y.shape)}), y of "
+            f"shape {want}" + (f": model {model.name!r} predicts {out} per image, one class per pixel, so y is a "
+                               "mask of class indices per image" if lshape else "; for one image use x[None] and y "
+                               "of shape (1,)")
         )
-    n_out = model.num_outputs if model.default_input_shape is not None else int(
-        np.prod(jax.eval_shape(model.apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[1:]))
+    n_out = int(out[-1]) if lshape else int(np.prod(out))
     y = check_labels(y, 2 if n_out == 1 else n_out, name="y")
     lf = loss_fn(loss, n_out)
     return jax.grad(lambda p: lf(model.apply_fn(p, x), y))(params)

@@ -1082,7 +1082,7 @@ def _make_pass(stages, lf):
             h = x
             for s, e in zip(stages, eps):
                 h = s.activation(s.affine(h, leaves) + e)
-            return lf(h.reshape(1, -1), label.reshape(1))
+            return lf(h, label.reshape((1,) + label.shape))  # a label, or a mask (segmentation)
 
         def probe(p):
             ins, pre, h = [], [], p[None]
@@ -1254,7 +1254,7 @@ class SecurityReport:
         advice: which layer makes the input recoverable or protects it, and which changes move the model toward
             safety, with their predicted effect.
         delta_source: where the per-layer :math:`\delta_l` came from.
-        label: the label used; ``tolerance``: :data:`RANK_TOL`; ``seconds``: wall time.
+        label: the label used (-1 for a segmentation model, whose label is a mask); ``tolerance``: :data:`RANK_TOL`; ``seconds``: wall time.
         defence: the defence the score accounts for (its name), ``None`` for the gradient as shared; then
             ``score_undefended`` is the score without it and ``noise_mse`` the image error the defence adds
             (:func:`noise_propagation`), and each layer's ``noise_gain`` is filled in.
@@ -1584,7 +1584,7 @@ def security(
         key: a JAX PRNG key (random input, label and probes); the report is a deterministic function of it.
         params: analyse at these parameters instead of ``model.params`` (same structure).
         grads: one client's shared gradient (pytree like the parameters), to analyse at its :math:`\delta_l`.
-        label: the label (default: random without ``grads``, recovered from ``grads`` otherwise).
+        label: the label (default: random without ``grads``, recovered from ``grads`` otherwise); for a segmentation model a mask ``(H, W)`` (default: a natural random mask with 4 classes).
         loss: the client's loss (``auto``: logistic for one output, cross-entropy otherwise).
         probes: number of natural-image probes for the expected lost energy (and the defence's propagation).
         defence: a :mod:`jaxinv.defences` transformation (or any ``(grads, key) -> grads``) the client applies before
@@ -1622,7 +1622,7 @@ def security(
         Chen & Campbell, arXiv 2111.10178 (COPA, the index); Zhu & Blaschko, ICLR 2021 (R-GAP, rank analysis).
     """
     from ._copa import copa as _copa
-    from ._gradient import _resolve_loss, check_labels, validate_grads
+    from ._gradient import _label_shape, _resolve_loss, check_labels, validate_grads
 
     t0 = time.perf_counter()
     if not isinstance(model, Model):
@@ -1652,20 +1652,28 @@ def security(
         ) from None
     shape = structure.input_shape
     leaves = jax.tree_util.tree_leaves(model.params)
-    n_out = math.prod(structure.stages[-1].nodes.x_out.shape)
+    out_shape = structure.stages[-1].nodes.x_out.shape[1:]
+    lshape = _label_shape(out_shape)
+    n_out = out_shape[-1] if lshape else math.prod(out_shape)
     n_lab = 2 if n_out == 1 else n_out
     loss = _resolve_loss(loss, n_out)
     k_x, k_y, k_p, k_a = jax.random.split(key, 4)
     if grads is None:
         x = jax.random.uniform(k_x, (1,) + shape, structure.dtype)
-        y = (check_labels(jnp.asarray(label), n_lab).reshape(()) if label is not None
-             else jax.random.randint(k_y, (), 0, n_lab))
+        if lshape:  # segmentation: a mask with natural regions (a probe image's luminance levels)
+            from .data import segmentation_masks
+
+            y = (check_labels(jnp.asarray(label), n_lab).reshape(lshape) if label is not None else
+                 segmentation_masks(natural_probes(k_y, lshape + (1,), 1), classes=min(4, n_lab))[0])
+        else:
+            y = (check_labels(jnp.asarray(label), n_lab).reshape(()) if label is not None
+                 else jax.random.randint(k_y, (), 0, n_lab))
         source = "gradient of a uniform [0, 1] random input"
     else:
         validate_grads(model, grads, allow_batch=False)
         rec = _copa(model, grads, label=label, input_shape=shape, loss=loss)
         x = rec.image.reshape((1,) + shape).astype(structure.dtype)
-        y = rec.label.reshape(-1)[0]
+        y = rec.label[0] if lshape else rec.label.reshape(-1)[0]
         source = "copa reconstruction from the given gradient"
     probe_imgs = natural_probes(k_p, shape, probes)
     lds = _representative_pass(model, structure, leaves, x, jnp.asarray(y, jnp.int32), loss, probe_imgs)
@@ -1720,7 +1728,7 @@ def security(
     return SecurityReport(
         model=model.name, input_shape=tuple(shape), layers=layers, copa_index=ci, rgap_index=ri, rgap_layers=rl,
         score=score, verdict=verdict, advice=_advice(layers, structure, score),
-        delta_source=source, label=int(y), tolerance=RANK_TOL, seconds=time.perf_counter() - t0, **extra,
+        delta_source=source, label=-1 if lshape else int(y), tolerance=RANK_TOL, seconds=time.perf_counter() - t0, **extra,
     )
 
 

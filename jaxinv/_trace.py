@@ -53,6 +53,7 @@ _DESCRIBE = {
     "rsqrt": "normalisation (division by a data-dependent scale)",
     "reduce_sum": "data-dependent reduction (normalisation / softmax?)",
     "gather": "gather / indexing",
+    "concatenate": "concatenation of branches (a U-Net skip connection?): the layer-wise methods follow one path",
 }
 
 
@@ -232,6 +233,8 @@ def _is_affine(n: Node) -> bool:
         return False
     if n.name in LINEAR:
         return True
+    if n.name in BILINEAR:  # by a constant matrix (e.g. bilinear upsampling's interpolation weights): linear
+        return not any(i.dep_params for i in n.inputs if not i.dep_input)
     if n.name in ARITH:
         others = [i for i in n.inputs if not i.dep_input]
         if n.name == "div" and n.inputs[0] is not ops[0]:

@@ -37,7 +37,7 @@ import skimage.transform
 import skimage.util
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-__all__ = ["fit_images", "load_folder", "load_photo", "load_tfds", "photo_names", "sample_images"]
+__all__ = ["fit_images", "load_folder", "load_photo", "load_tfds", "photo_names", "sample_images", "segmentation_masks"]
 
 # name -> how to get it from skimage.data (all files inside the scikit-image wheel).
 _PHOTOS: dict[str, Callable[[], np.ndarray]] = {
@@ -241,6 +241,44 @@ def fit_images(images: Float[Array, "n h w c"], input_shape: tuple[int, ...]) ->
     elif C == 3 and x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
     return x
+
+
+def segmentation_masks(images: Float[Array, "n h w c"], *, classes: int = 4, sigma: float = 1.0,
+                       num_classes: int | None = None) -> Int[Array, "n h w"]:
+    """Segmentation masks derived from the images themselves, for segmentation benchmarks on bundled photos.
+
+    Each image's luminance (Rec. 601 weights; the channel itself for grey images) is smoothed by a Gaussian of
+    ``sigma`` pixels (``skimage.filters.gaussian``) and cut at its own quantiles into ``classes`` levels, so every
+    image has every class, in contiguous regions that follow the photo's shapes (a figure against its
+    background, bright sky against dark ground). Deterministic.
+
+    Args:
+        images: ``(n, h, w, c)`` images in ``[0, 1]``.
+        classes: number of classes present per image (levels), at least 2.
+        sigma: smoothing in pixels before the cut (0: none).
+        num_classes: the model's class count; must be ``>= classes`` (masks use classes ``0 .. classes - 1``).
+
+    Returns:
+        ``(n, h, w)`` int32 masks with values in ``[0, classes)``.
+    """
+    from skimage.filters import gaussian
+
+    classes = _check_int(classes, "classes", minimum=2)
+    if num_classes is not None and classes > int(num_classes):
+        raise ValueError(f"classes={classes} exceeds the model's num_classes={num_classes}: masks would hold labels "
+                         f"out of range; pass classes <= {num_classes}")
+    imgs = np.asarray(images, np.float64)
+    if imgs.ndim != 4:
+        raise ValueError(f"images must have shape (n, h, w, c), got {imgs.shape}; add a batch axis with images[None]")
+    weights = np.array([0.299, 0.587, 0.114]) if imgs.shape[-1] == 3 else np.full(imgs.shape[-1], 1 / imgs.shape[-1])
+    out = np.empty(imgs.shape[:3], np.int32)
+    for i, img in enumerate(imgs):
+        lum = img @ weights
+        if sigma > 0:
+            lum = gaussian(lum, sigma=float(sigma))
+        cuts = np.quantile(lum, np.arange(1, classes) / classes)
+        out[i] = np.searchsorted(cuts, lum.reshape(-1), side="right").reshape(lum.shape)
+    return jnp.asarray(np.clip(out, 0, classes - 1))
 
 
 def load_folder(

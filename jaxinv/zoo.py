@@ -61,6 +61,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 __all__ = [
+    "FCNSeg",
+    "ModernInfo",
+    "ResNet",
+    "UNetSeg",
+    "modern_names",
     "ConvLayer",
     "DenseLayer",
     "ModelInfo",
@@ -478,18 +483,27 @@ _ZOO: dict[str, ModelInfo] = {m.name: m for m in _TABLE}
 
 
 def names() -> tuple[str, ...]:
-    """Names of the zoo models, in table order (Chen & Campbell, LeNet, R-GAP)."""
+    """Names of the papers' zoo models, in table order (Chen & Campbell, LeNet, R-GAP); the modern
+    architectures (segmentation, residual) are :func:`modern_names`."""
     return tuple(_ZOO)
 
 
-def info(name: str) -> ModelInfo:
+def modern_names() -> tuple[str, ...]:
+    """Names of the modern zoo models: ``fcn_seg``, ``unet_seg`` (segmentation, per-pixel cross-entropy with
+    mask labels) and ``resnet8`` (residual blocks); see :class:`ModernInfo`."""
+    return tuple(_MODERN)
+
+
+def info(name: str) -> ModelInfo | ModernInfo:
     """The table row of a zoo model: source, input shape, layers, activations, head.
 
     Raises:
         ValueError: unknown name (the message lists the known names).
     """
+    if name in _MODERN:
+        return _MODERN[name]
     if name not in _ZOO:
-        raise ValueError(f"Unknown zoo model {name!r}; choose one of: {', '.join(_ZOO)}.")
+        raise ValueError(f"Unknown zoo model {name!r}; choose one of: {', '.join(tuple(_ZOO) + tuple(_MODERN))}.")
     return _ZOO[name]
 
 
@@ -547,6 +561,8 @@ def build(
         ValueError: unknown name, or a malformed ``input_shape``.
     """
     spec = info(name)
+    if isinstance(spec, ModernInfo):
+        return _build_modern(spec, key, input_shape, dtype)
     shape = spec.input_shape if input_shape is None else tuple(input_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
         raise ValueError(
@@ -555,6 +571,166 @@ def build(
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype such as jnp.float32; got {dtype!r}.")
     module = _module(spec)
+    variables = module.init(key, jnp.zeros((1, *shape), jnp.float32))
+    variables = jax.tree.map(lambda p: p.astype(dtype), dict(variables))
+    return module, variables
+
+
+# --------------------------------------------------------------------------- #
+# Modern architectures: segmentation (FCN, U-Net) and residual networks
+# --------------------------------------------------------------------------- #
+
+
+class FCNSeg(nn.Module):
+    """A fully convolutional segmentation network in the FCN-32s/16s style (Long et al. 2015).
+
+    Strided convolutions (``(channels, kernel 3, stride 2, padding 1)``, each followed by ``act``) down to a score
+    map at ``1/2**len(channels)`` resolution, a 1x1 convolution with bias to ``num_classes`` scores, and a fixed
+    bilinear upsampling (``jax.image.resize``) back to the input size: logits ``(B, H, W, K)``, trained with
+    per-pixel cross-entropy against a mask ``(B, H, W)``. The default (32x32 input, score map 2x2) has a
+    *determined head* when at least 4 classes are present in the mask (:mod:`jaxinv._seg`).
+    """
+
+    channels: tuple[int, ...] = (32, 128, 128, 64)
+    num_classes: int = 21
+    act: str = "leaky_relu:0.2"
+    shift: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W K"]:
+        B, H, W, _ = x.shape
+        x = x - self.shift
+        for c in self.channels:
+            fan_in = x.shape[-1] * 9
+            x = nn.Conv(c, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+                        kernel_init=_torch_uniform(fan_in))(x)
+            x = activation(self.act)(x)
+        fan_in = x.shape[-1]
+        x = nn.Conv(self.num_classes, (1, 1), kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in))(x)
+        return jax.image.resize(x, (B, H, W, self.num_classes), "bilinear")
+
+
+class UNetSeg(nn.Module):
+    """A small U-Net (Ronneberger et al. 2015): two resolutions, skip connection by concatenation.
+
+    ``enc`` (3x3 conv, stride 1) -> ``down`` (3x3 conv, stride 2) -> ``mid`` (3x3 conv) -> nearest-neighbour
+    upsampling x2 -> concatenate with ``enc``'s output -> ``dec`` (3x3 conv) -> 1x1 conv head with bias at full
+    resolution: logits ``(B, H, W, K)``. The skip connection and the full-resolution head (``H*W`` positions,
+    far more than classes) are what the layer-wise methods cannot invert: it is audited by the optimisation
+    attacks (built with ``strict=False``).
+    """
+
+    width: int = 16
+    num_classes: int = 21
+    act: str = "leaky_relu:0.2"
+    shift: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W K"]:
+        a = activation(self.act)
+        x = x - self.shift
+
+        def conv(h, c, k=3, s=1, bias=False, name=None):
+            fan_in = h.shape[-1] * k * k
+            return nn.Conv(c, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2, use_bias=bias,
+                           kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in), name=name)(h)
+
+        e = a(conv(x, self.width, name="enc"))
+        d = a(conv(e, 2 * self.width, s=2, name="down"))
+        m = a(conv(d, 2 * self.width, name="mid"))
+        u = jnp.repeat(jnp.repeat(m, 2, axis=1), 2, axis=2)
+        h = a(conv(jnp.concatenate([u, e], axis=-1), self.width, name="dec"))
+        return conv(h, self.num_classes, k=1, bias=True, name="head")
+
+
+class ResNet(nn.Module):
+    """A CIFAR ResNet (He et al. 2016, section 4.2): ``6n + 2`` weight layers; ``n = 1`` is ResNet-8.
+
+    3x3 stem convolution, three stages of ``n`` basic blocks (``widths``, the 2nd and 3rd stage start with
+    stride 2 and a 1x1 projection shortcut), each block ``act(x + conv(act(conv(x))))``, global average pooling
+    and a dense head with bias. ``norm="none"`` (default) leaves normalisation out (federated training often
+    drops BatchNorm: its statistics leak and drift across clients); ``"batch"`` adds BatchNorm in inference form
+    (running statistics, a fixed affine map), ``"group"`` GroupNorm (4 groups).
+    """
+
+    blocks_per_stage: int = 1
+    widths: tuple[int, int, int] = (16, 32, 64)
+    num_classes: int = 10
+    act: str = "relu"
+    norm: str = "none"
+    shift: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B K"]:
+        if self.norm not in ("none", "batch", "group"):
+            raise ValueError(f"norm must be 'none', 'batch' or 'group', got {self.norm!r}")
+        a = activation(self.act)
+        x = x - self.shift
+
+        def conv(h, c, k, s):
+            fan_in = h.shape[-1] * k * k
+            return nn.Conv(c, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2, use_bias=self.norm == "none",
+                           kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in))(h)
+
+        def norm(h):
+            if self.norm == "batch":
+                return nn.BatchNorm(use_running_average=True)(h)
+            if self.norm == "group":
+                return nn.GroupNorm(num_groups=4)(h)
+            return h
+
+        h = a(norm(conv(x, self.widths[0], 3, 1)))
+        for stage, width in enumerate(self.widths):
+            for b in range(self.blocks_per_stage):
+                s = 2 if (stage > 0 and b == 0) else 1
+                y = a(norm(conv(h, width, 3, s)))
+                y = norm(conv(y, width, 3, 1))
+                short = h if (s == 1 and h.shape[-1] == width) else norm(conv(h, width, 1, s))
+                h = a(short + y)
+        h = jnp.mean(h, axis=(1, 2))
+        fan_in = h.shape[-1]
+        return nn.Dense(self.num_classes, kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in))(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModernInfo:
+    """Description of a modern zoo model.
+
+    Attributes:
+        name: zoo name.
+        source: where the architecture comes from.
+        input_shape: ``(H, W, C)`` of one image.
+        num_classes: classes (per pixel for segmentation).
+        task: ``"segmentation"`` (logits ``(H, W, K)``, mask labels ``(H, W)``) or ``"classification"``.
+        layerwise: whether the layer-wise methods (COPA, the security metric) can read it; if not, it is built
+            for the optimisation attacks (``jaxinv.from_linen(..., strict=False)``).
+        make: builds the linen module.
+    """
+
+    name: str
+    source: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    task: str
+    layerwise: bool
+    make: Callable[[], nn.Module]
+
+
+_MODERN: dict[str, ModernInfo] = {m.name: m for m in (
+    ModernInfo("fcn_seg", "jaxinv: FCN-32s/16s-style segmentation net (Long et al. 2015), 2x2 score map, "
+               "bilinear upsampling, 21 classes (PASCAL VOC's count)", _CIFAR, 21, "segmentation", True, FCNSeg),
+    ModernInfo("unet_seg", "jaxinv: small U-Net (Ronneberger et al. 2015), one skip connection, 21 classes",
+               _CIFAR, 21, "segmentation", False, UNetSeg),
+    ModernInfo("resnet8", "He et al. 2016 CIFAR ResNet with n = 1 (ResNet-8), no normalisation", _CIFAR, 10,
+               "classification", False, ResNet),
+)}
+
+
+def _build_modern(spec: ModernInfo, key, input_shape, dtype):
+    shape = spec.input_shape if input_shape is None else tuple(input_shape)
+    if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
+        raise ValueError(f"input_shape must be (height, width, channels) of positive ints; got {input_shape!r}.")
+    module = spec.make()
     variables = module.init(key, jnp.zeros((1, *shape), jnp.float32))
     variables = jax.tree.map(lambda p: p.astype(dtype), dict(variables))
     return module, variables

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from .._gradient import _resolve_loss, check_labels, validate_grads
+from .._gradient import _label_shape, _resolve_loss, check_labels, validate_grads
 from .._model import Model
 
 # ------------------------------------------------------------------------------------------------ the objectives
@@ -42,12 +42,16 @@ def soft_cross_entropy(logits: Float[Array, "B ..."], target: Float[Array, "B K"
     (:func:`jaxinv._gradient.loss_fn`), so the same function serves known and unknown labels.
 
     Args:
-        logits: model outputs, batch axis first (reshaped to ``(B, K)``).
-        target: ``(B, K)`` probabilities, or ``(B, 1)`` values in ``[0, 1]`` for one output.
+        logits: model outputs, batch axis first (reshaped to ``(B, K)``, or to ``target``'s shape).
+        target: ``(B, K)`` probabilities, or ``(B, 1)`` values in ``[0, 1]`` for one output; ``(B, H, W, K)``
+            per-pixel probabilities for a segmentation model (mean over the batch and the pixels).
 
     Returns:
         The scalar loss.
     """
+    if target.ndim > 2:  # segmentation: (B, H, W, K) targets, per-pixel cross-entropy, mean over batch and pixels
+        z = logits.reshape(target.shape)
+        return jnp.mean(-jnp.sum(target.astype(z.dtype) * jax.nn.log_softmax(z, axis=-1), axis=-1))
     z = logits.reshape(logits.shape[0], -1)
     t = target.reshape(z.shape).astype(z.dtype)
     if z.shape[-1] == 1:
@@ -344,7 +348,11 @@ def prepare(
     check_key(key, attack)
     shape = model.resolve_input_shape(input_shape)
     gleaves, T = validate_grads(model, grads)
-    k = int(np.prod(model.output_shape(shape)))
+    out = model.output_shape(shape)
+    lshape = _label_shape(out)
+    if lshape:
+        return _prepare_masks(model, gleaves, T, label, shape, out, lshape, key, batch_size, loss, attack)
+    k = int(np.prod(out))
     _resolve_loss(loss, k)  # raises on a loss that does not fit the model
     n_lab = 2 if k == 1 else k
     if label is not None:
@@ -374,6 +382,34 @@ def prepare(
         )
     return Problem(gleaves=gleaves, labels=label, input_shape=shape, num_outputs=k, batch_size=batch_size,
                    stacked=T, traced=_is_traced(grads, label, model.params, key))
+
+
+def _prepare_masks(model, gleaves, T, label, shape, out, lshape, key, batch_size, loss, attack) -> Problem:
+    """:func:`prepare` for a segmentation model: labels are masks ``(B, H, W)`` (``(T, 1, H, W)`` stacked)."""
+    K = int(out[-1])
+    if loss not in ("auto", "cross_entropy"):
+        raise ValueError(f"{attack}: a segmentation model is trained with the per-pixel cross-entropy; loss={loss!r}")
+    if label is None:
+        raise ValueError(f"{attack}: model {model.name!r} is a segmentation model (logits {tuple(out)} per image): "
+                         f"pass label= the client's mask(s), shape {lshape} or (B, {', '.join(map(str, lshape))})")
+    label = check_labels(jnp.asarray(label), K)
+    if T is None:
+        if label.shape == lshape:
+            label = label[None]
+        if tuple(label.shape[1:]) != lshape:
+            raise ValueError(f"{attack}: label (the masks) must have shape (B, {', '.join(map(str, lshape))}), got "
+                             f"{tuple(label.shape)}")
+        batch_size = label.shape[0] if batch_size is None else check_int(batch_size, "batch_size", attack)
+        if label.shape[0] != batch_size:
+            raise ValueError(f"{attack}: {label.shape[0]} masks but batch_size={batch_size}")
+    else:
+        if tuple(label.shape) not in ((T,) + lshape, (T, 1) + lshape):
+            raise ValueError(f"{attack}: grads stacks {T} targets, so label must have shape {(T,) + lshape}, got "
+                             f"{tuple(label.shape)}")
+        label = label.reshape((T, 1) + lshape)
+        batch_size = 1
+    return Problem(gleaves=gleaves, labels=label, input_shape=shape, num_outputs=K, batch_size=batch_size,
+                   stacked=T, traced=_is_traced(gleaves, label, model.params, key))
 
 
 class Timer:
