@@ -279,11 +279,22 @@ def _format_unsupported(model: Model, problems) -> str:
     for where, items in groups.items():
         reasons = [r for _, r in items]
         best = next((r for r in reasons if not r.startswith(generic)), reasons[0])
+        names = {n.name for n, _ in items}
+        if {"rsqrt", "reduce_sum"} <= names or ({"sqrt", "reduce_sum", "div"} <= names):
+            best = ("normalisation by statistics of the data itself (LayerNorm, GroupNorm, or BatchNorm in training "
+                    "form): not an affine map of the layer's input, and the input is identifiable only up to what "
+                    "it removes (a positive scale and, without padding, a constant shift per group); the "
+                    "layer-wise methods read BatchNorm in inference form (use_running_average=True), a fixed affine "
+                    "map")
+        elif any(n.name in ("add", "add_any", "sub") and sum(i.dep_input for i in n.inputs) == 2 for n, _ in items):
+            best = ("sum of two branches (a residual connection x + F(x)?): the layer-wise methods follow a single "
+                    "path through the network")
         prims = ", ".join(dict.fromkeys(n.name for n, _ in items))
         lines.append(f"  - at {where}: {best} [ops: {prims}; shape {list(items[0][0].shape)}]")
     lines.append(
         "Supported: dense and convolution layers (any stride, padding, dilation, groups; bias or not), "
-        "reshape/flatten/transpose, average pooling, input scaling, and element-wise activations "
+        "BatchNorm in inference form, reshape/flatten/transpose, average pooling, fixed linear resampling (bilinear "
+        "upsampling), input scaling, and element-wise activations "
         f"({', '.join(_SUPPORTED_ACTS)}). Optimisation attacks (jaxinv.attack('ig' | 'dlg' | 'idlg', ...)) "
         "work on any differentiable model: build it with strict=False."
     )
@@ -384,7 +395,10 @@ def from_fn(apply_fn: Callable, params: PyTree, *, input_shape=None, name: str =
 def from_linen(module, params: PyTree, *, input_shape=None, name: str | None = None, strict: bool = True) -> Model:
     """Wrap a Flax linen module and its variables (``module.init(...)``, with or without the ``params`` key).
 
-    The gradient pytree must have the same structure as ``params`` as given here.
+    The gradient pytree must have the structure of ``params`` as given here; other collections of the variables
+    (e.g. BatchNorm's ``batch_stats``) are state held fixed, not parameters (the gradient is ``{"params": ...}``).
+    BatchNorm is read in inference form (``use_running_average=True``: a fixed per-channel affine map after
+    its layer); in training form its statistics are data-dependent and the model is refused with a clear error.
     """
     try:
         import flax.linen as nn
@@ -398,7 +412,16 @@ def from_linen(module, params: PyTree, *, input_shape=None, name: str | None = N
         variables_have_params = False
 
     if variables_have_params:
+        # other collections (BatchNorm's running statistics, ...) are state, not parameters: held fixed, and the
+        # gradient pytree is that of {"params": ...} alone
+        rest = {k: v for k, v in params.items() if k != "params"}
+        params = {"params": params["params"]}
+
+        mutable = sorted(rest)  # BatchNorm in training form updates its statistics: allow it, drop the update
+
         def apply_fn(p, x):
+            if mutable:
+                return module.apply({**p, **rest}, x, mutable=mutable)[0]
             return module.apply(p, x)
     else:
         def apply_fn(p, x):

@@ -226,8 +226,9 @@ def _act_operands(n: Node) -> list[Node]:
     return [i for i in n.inputs if i.dep_input]
 
 
-def _is_affine(n: Node) -> bool:
-    """Affine in its activation operand, with no parameter other than an additive bias."""
+def _is_affine(n: Node, scale_ok: bool = False) -> bool:
+    """Affine in its activation operand, with no parameter other than an additive bias (and, with
+    ``scale_ok``, a multiplication by a parameter-dependent factor: a learned scale after the weight)."""
     ops = _act_operands(n)
     if len(ops) != 1:
         return False
@@ -239,7 +240,7 @@ def _is_affine(n: Node) -> bool:
         others = [i for i in n.inputs if not i.dep_input]
         if n.name == "div" and n.inputs[0] is not ops[0]:
             return False
-        if n.name in ("mul", "div") and any(o.dep_params for o in others):
+        if n.name in ("mul", "div") and any(o.dep_params for o in others) and not scale_ok:
             return False  # learned scale: not a plain bias
         return True
     return False
@@ -296,10 +297,14 @@ def segment(g: Graph) -> list[StageNodes]:
         z, bias = w, -1
         while z is not g.output and len(z.consumers) == 1:
             c = z.consumers[0]
-            if not _is_affine(c) or is_weight(c):
+            if not _is_affine(c, scale_ok=True) or is_weight(c):
                 break
             pdeps = [i for i in c.inputs if not i.dep_input and i.dep_params]
-            if pdeps:
+            if pdeps and c.name in ("mul", "div"):
+                # a learned scale after the weight (BatchNorm in inference form: gamma / sqrt(var + eps)): still
+                # affine in x; a bias added before it is no longer z's plain additive bias
+                bias = -1
+            elif pdeps:
                 if c.name not in ("add", "sub", "add_any") or len(pdeps[0].dep_params) != 1 or bias >= 0:
                     problems.append((c, "parameter used other than as kernel or additive bias (normalisation?)"))
                     break
