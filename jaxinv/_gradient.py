@@ -41,7 +41,7 @@ def loss_fn(loss: str, num_outputs: int) -> Callable[[Array, Array], Array]:
     ``cross_entropy``: softmax cross-entropy with integer labels in ``[0, K)``: logits ``(B, K)`` and labels
     ``(B,)`` for classification; for segmentation (dense prediction) logits ``(B, H, W, K)`` and a mask label
     ``(B, H, W)`` (any number of spatial axes), the loss being the mean over the batch *and* the pixels,
-    :math:`rac{1}{BHW}\sum_{i,p} -\log\mathrm{softmax}(z_{ip})_{y_{ip}}`. ``logistic``: binary cross-entropy on
+    :math:`\frac{1}{BHW}\sum_{i,p} -\log\mathrm{softmax}(z_{ip})_{y_{ip}}`. ``logistic``: binary cross-entropy on
     a single logit with labels in ``{0, 1}`` (R-GAP's setting). ``auto`` picks ``logistic`` for one output,
     ``cross_entropy`` otherwise.
     """
