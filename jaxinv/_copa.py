@@ -241,8 +241,7 @@ def _correct(stages, l, sys: LayerSystem, x, x_lsq, z, gW, mask, opts: CopaOptio
     :math:`x_c = x + d`, :math:`d` the minimum-norm least-squares solution of :math:`M d = r - M x`: the
     refinement's row-space part is replaced by the least-squares one, its null-space part kept
     (:math:`x_c - x_\text{lsq} = P_\text{null}(x - x_\text{lsq})`). When the refinement moved (almost) only in the
-    row space, :math:`
-ho = \|x_c - x_\text{lsq}\| / \|x - x_\text{lsq}\| <` ``below``, the system pins the answer
+    row space, :math:`\rho = \|x_c - x_\text{lsq}\| / \|x - x_\text{lsq}\| <` ``below``, the system pins the answer
     down and the priors only traded exactness for smoothness: return :math:`x_c` (projected onto the box / the
     activation's image). Otherwise the layer is underdetermined and the refined ``x`` is kept (there the
     least-squares row-space part is where noise from the layers above is amplified, and the priors damp it).
