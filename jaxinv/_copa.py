@@ -124,11 +124,12 @@ def _rank_one(st: _Stage, gleaves, leaves=None):
 
 
 def _delta_of_logits(stage: _Stage, loss: str, n_out: int):
-    """``z_L -> dl/dz_L`` for one example: the loss through the head's activation."""
+    """``z_L -> dl/dz_L`` for one example ``z_L`` of shape ``(1, ...)``: the loss through the head's activation
+    (``y`` one label, or one mask for a segmentation model: :func:`jaxinv._gradient.loss_fn` reads both)."""
     lf = loss_fn(loss, n_out)
 
     def delta(z, y):
-        return jax.grad(lambda zz: lf(stage.activation(zz).reshape(1, -1), y[None]))(z)
+        return jax.grad(lambda zz: lf(stage.activation(zz), y[None]))(z)
 
     return delta
 
@@ -393,6 +394,30 @@ def _timed(traced: bool, fn, *args):
     return out, time.perf_counter() - t0
 
 
+def _fold_down(traced: bool, structure: _Structure, down, gleaves, x, gx, opts, head_rep, head_seconds, B: int):
+    """The recursion below the head: a fold over the layers from the output down to the image.
+
+    ``down[l]`` maps ``(gleaves, x_l, dl/dx_l, opts)`` to ``(x_{l-1}, dl/dx_{l-1}, report)``; ``x``, ``gx`` come from
+    the head. Returns the image-layer input ``x_0``, the reports (input layer first, each with its wall seconds) and
+    every layer's reconstructed input shaped ``(B, *in_shape)``."""
+    def stamped(rep, sec):
+        return eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32))
+
+    reports, inputs = [stamped(head_rep, head_seconds)], [x]
+
+    def fold(carry, l):  # one layer down
+        x, gx = carry
+        (x, gx, rep), sec = _timed(traced, down[l], gleaves, x, gx, opts)
+        reports.append(stamped(rep, sec))
+        inputs.append(x)
+        return x, gx
+
+    x, _ = functools.reduce(fold, reversed(range(len(structure.stages) - 1)), (x, gx))
+    layer_inputs = tuple(v.reshape((B,) + tuple(st.nodes.x_in.shape[1:]))
+                         for v, st in zip(reversed(inputs), structure.stages))
+    return x, tuple(reversed(reports)), layer_inputs
+
+
 def _batching_mode(batching: str) -> str:
     if batching not in ("auto", "vmap", "map"):
         raise ValueError(f"batching must be 'auto', 'vmap' or 'map', got {batching!r}")
@@ -540,26 +565,14 @@ def copa(
                                       l, pullback=pb) for l in range(len(structure.stages) - 1)]
 
     (x, gx, lab, rep), sec = timed(head, gleaves, label, opts)
-    reports = [eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32))]
-    inputs = [x]
-
-    def fold(carry, l):  # one layer down: a fold over the layers from the output to the input
-        x, gx = carry
-        (x, gx, rep), sec = timed(down[l], gleaves, x, gx, opts)
-        reports.append(eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32)))
-        inputs.append(x)
-        return x, gx
-
-    x, _ = functools.reduce(fold, reversed(range(len(structure.stages) - 1)), (x, gx))
     B = T if T is not None else 1
-    layer_inputs = tuple(v.reshape((B,) + tuple(st.nodes.x_in.shape[1:]))
-                         for v, st in zip(reversed(inputs), structure.stages))
+    x, reports, layer_inputs = _fold_down(traced, structure, down, gleaves, x, gx, opts, rep, sec, B)
     image = x.reshape((B,) + structure.input_shape)
     labels = lab.reshape(-1)
     dist = _gradient_distance(model, image, labels, gleaves, loss, n_out, T)
     total = jnp.nan if traced else time.perf_counter() - t_start
     return Reconstruction(
-        image=image, label=labels, layers=tuple(reversed(reports)), attack="copa",
+        image=image, label=labels, layers=reports, attack="copa",
         loss_trace=jnp.zeros((labels.shape[0], 0), image.dtype), gradient_distance=dist,
         seconds=jnp.asarray(total, jnp.float32), layer_inputs=layer_inputs,
     )
@@ -656,21 +669,15 @@ def _copa_batch(model, structure, gleaves, label, batch_size, loss, n_out, key, 
     key = jax.random.key(0) if key is None else key
     t_start = time.perf_counter()
     (X, GX, rep), sec = _timed(False, _head_batch_jit, model, structure, gleaves, label, key, opts, 4, 100)
-    reports = [eqx.tree_at(lambda r: r.seconds, rep, jnp.asarray(sec, jnp.float32))]
-    inputs = [X]
-    for l in reversed(range(len(structure.stages) - 1)):
-        (X, GX, rep), sec = _timed(False, _down_batch_jit, model, structure, l, gleaves, X, GX, opts)
-        reports.append(eqx.tree_at(lambda r: r.seconds, rep, jnp.asarray(sec, jnp.float32)))
-        inputs.append(X)
+    down = [functools.partial(_down_batch_jit, model, structure, l) for l in range(len(structure.stages) - 1)]
+    X, reports, layer_inputs = _fold_down(False, structure, down, gleaves, X, GX, opts, rep, sec, B)
     image = X.reshape((B,) + structure.input_shape)
     lf = loss_fn(loss, n_out)
     g_hat = jax.tree_util.tree_leaves(jax.grad(lambda p: lf(model.apply_fn(p, image), label))(model.params))
     num = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(g_hat, gleaves)))
     den = jnp.sqrt(sum(jnp.sum(b**2) for b in gleaves))
-    layer_inputs = tuple(v.reshape((B,) + tuple(st.nodes.x_in.shape[1:]))
-                         for v, st in zip(reversed(inputs), structure.stages))
     return Reconstruction(
-        image=image, label=label, layers=tuple(reversed(reports)), attack="copa",
+        image=image, label=label, layers=reports, attack="copa",
         loss_trace=jnp.zeros((1, 0), image.dtype), gradient_distance=(num / jnp.maximum(den, 1e-30)).reshape(1),
         seconds=jnp.asarray(time.perf_counter() - t_start, jnp.float32), layer_inputs=layer_inputs)
 

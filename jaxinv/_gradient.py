@@ -58,13 +58,9 @@ def loss_fn(loss: str, num_outputs: int) -> Callable[[Array, Array], Array]:
     return ce if kind == "cross_entropy" else logistic
 
 
-def label_shape(model: Model, input_shape=None) -> tuple[int, ...]:
-    """Shape of one example's label: ``()`` for a classifier, the output's spatial shape ``(H, W)`` for a
-    segmentation model (logits ``(H, W, K)`` per example: one class per pixel, a mask)."""
-    return _label_shape(model.output_shape(input_shape))
-
-
 def _label_shape(out_shape) -> tuple[int, ...]:
+    """Shape of one example's label from the model's output shape per example: ``()`` for a classifier, the
+    spatial shape ``(H, W)`` for a segmentation model (logits ``(H, W, K)``: one class per pixel, a mask)."""
     out = tuple(int(s) for s in out_shape)
     return out[:-1] if len(out) >= 2 and int(np.prod(out[:-1])) > 1 else ()
 

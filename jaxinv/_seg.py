@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from ._copa import CopaOptions, _bias_residual, _down_jit, _report, _timed, _tols
+from ._copa import CopaOptions, _bias_residual, _delta_of_logits, _down_jit, _fold_down, _report, _timed, _tols
 from ._gradient import loss_fn
 from ._model import Model, _Structure
 from ._operators import LayerSystem, _norm, _with_leaf
@@ -100,10 +100,7 @@ def head_seg(model: Model, structure: _Structure, gleaves, mask, opts: CopaOptio
     # lam starts at the scale of J^T J (its largest eigenvalue is ~1: both blocks are normalised)
     x, c, _, steps = jax.lax.fori_loop(0, iters, body, (x0, cost(x0), jnp.asarray(1e-2, dtype),
                                                           jnp.zeros((), jnp.int32)))
-    K = st.nodes.x_out.shape[-1]
-    lf = loss_fn("cross_entropy", K)
-    z = st.affine(x, leaves)
-    delta = jax.grad(lambda zz: lf(st.activation(zz), mask[None]))(z)
+    delta = _delta_of_logits(st, "cross_entropy", st.nodes.x_out.shape[-1])(st.affine(x, leaves), mask)
     sys = LayerSystem.build(st, leaves, delta)
     g = shared(x)
     gres = _norm(g[0] - target[0]) / jnp.maximum(_norm(target[0]), tiny)
@@ -136,21 +133,14 @@ def copa_seg(model: Model, structure: _Structure, gleaves, mask, T, loss: str, o
         down = [eqx.filter_vmap(lambda g, x, gx, o, l=l: _down_jit(model, structure, l, g, x, gx, o),
                                 in_axes=(0, 0, 0, None)) for l in range(L - 1)]
     (x, gx, rep), sec = _timed(False, head, gleaves, mask, opts, gn_iters)
-    reports = [eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32))]
-    inputs = [x]
-    for l in reversed(range(L - 1)):
-        (x, gx, rep), sec = _timed(False, down[l], gleaves, x, gx, opts)
-        reports.append(eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32)))
-        inputs.append(x)
     B = T if T is not None else 1
+    x, reports, layer_inputs = _fold_down(False, structure, down, gleaves, x, gx, opts, rep, sec, B)
     image = x.reshape((B,) + structure.input_shape)
-    layer_inputs = tuple(v.reshape((B,) + tuple(st.nodes.x_in.shape[1:]))
-                         for v, st in zip(reversed(inputs), structure.stages))
     K = structure.stages[-1].nodes.x_out.shape[-1]
     labels = mask.reshape((B,) + tuple(structure.stages[-1].nodes.x_out.shape[1:-1]))
     dist = _gradient_distance(model, image, labels, gleaves, "cross_entropy", K, T)
     return Reconstruction(
-        image=image, label=labels, layers=tuple(reversed(reports)), attack="copa",
+        image=image, label=labels, layers=reports, attack="copa",
         loss_trace=jnp.zeros((B, 0), image.dtype), gradient_distance=dist,
         seconds=jnp.asarray(time.perf_counter() - t_start, jnp.float32), layer_inputs=layer_inputs,
     )
