@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Int, PyTree
 
+from ._blocks import BlockSystem, solve_block
 from ._constraints import Pullback, as_pullback, output_projection, pullback_layer
 from ._gradient import _label_shape, check_labels, loss_fn, validate_grads
 from ._model import Model, _Stage, _Structure
@@ -272,6 +273,10 @@ def _head_step(model: Model, structure: _Structure, gleaves, label, opts: CopaOp
     """Layer L: recover ``delta_L`` (and the label), solve for ``x_{L-1}``; return ``(x, dl/dx, label, report)``."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[-1]
+    if st.nodes.kind == "block":
+        raise HeadNotInvertibleError(
+            f"the model's last stage {st.layer.path!r} is a block (branches joined at the output): its gradient does "
+            "not give the output error in closed form; invert this model with jaxinv.attack('ig', ...)")
     n_out = math.prod(st.nodes.z.shape)
     k = st.nodes.kernel_leaf
     gW = gleaves[k]
@@ -347,6 +352,8 @@ def _down_step(model: Model, structure: _Structure, l: int, gleaves, x_l, gx_l, 
     z, clipped = act.inverse(x_l)
     mask = (x_l > 0).astype(x_l.dtype) if act.name == "relu" else None
     delta = gx_l * act.derivative(z, x_l)
+    if st.nodes.kind == "block":
+        return _block_solve(st, leaves, gleaves, z, delta, mask, clipped, opts, l > 0)
     sys = LayerSystem.build(st, leaves, delta)
     x, fres, gres, steps, status = _solve_layer(sys, z, gleaves[st.nodes.kernel_leaf], opts, mask=mask)
     refined = None
@@ -361,6 +368,21 @@ def _down_step(model: Model, structure: _Structure, l: int, gleaves, x_l, gx_l, 
     bres = _bias_residual(st, leaves, gleaves, delta)
     gx = sys.forward_transpose(delta) if l > 0 else jnp.zeros_like(x)
     return x, gx, _report(st, True, fres, gres, bres, clipped, steps, status, refined=refined)
+
+
+def _block_solve(st: _Stage, leaves, gleaves, z, delta, mask, clipped, opts: CopaOptions, carry_down: bool):
+    """A block below the head (:mod:`jaxinv._blocks`): its input from its output and its parameters' gradient,
+    jointly (:func:`jaxinv._blocks.solve_block`); returns ``(u, dl/du, report)`` like a layer's step."""
+    bs = BlockSystem(st, leaves, delta, st.nodes.leaves)
+    g = tuple(gleaves[i] for i in st.nodes.leaves)
+    rtol, atol = _tols(opts, z.dtype)
+    u, steps = solve_block(bs, z, g, mask, rtol=rtol, atol=atol, max_steps=opts.max_steps)
+    fres, gres = bs.residual_fn(z, g, mask)[1](u)
+    finite = jnp.all(jnp.isfinite(u))
+    status = jnp.where(~finite, 4, jnp.where(jnp.maximum(fres, gres) < 1e-2, 0, 3)).astype(jnp.int32)
+    u = jnp.where(finite, u, 0.0)
+    gu = bs.input_cotangent(u) if carry_down else jnp.zeros_like(u)
+    return u, gu, _report(st, True, fres, gres, jnp.full((), jnp.nan, z.dtype), clipped, steps, status)
 
 
 _head_jit = eqx.filter_jit(_head_step)
@@ -542,6 +564,10 @@ def copa(
     opts = CopaOptions(rtol=rtol, atol=atol, max_steps=max_steps, forward_weight=forward_weight,
                        gradient_weight=gradient_weight, loss=loss)
     pb = as_pullback(pullback)
+    blocks = [st.layer.path for st in structure.stages if st.nodes.kind == "block"]
+    if pb is not None and blocks:
+        raise ValueError(f"pullback is not supported on models with blocks ({', '.join(blocks)}): a block is solved "
+                         "jointly by Levenberg-Marquardt, not by a linear system to refine; use pullback=False")
     traced = _is_traced(grads, label, model.params)
     t_start = time.perf_counter()
 

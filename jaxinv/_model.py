@@ -33,13 +33,15 @@ class Layer:
     Attributes:
         index: position, 0 for the layer that reads the model input.
         path: path of the layer's kernel in the parameter pytree (the layer's name in the model).
-        kind: ``dense`` or ``conv``.
+        kind: ``dense``, ``conv``, or ``block``: a sub-network with several weights between two points every path
+            of the model goes through (a residual block ``x + F(x)``, a skip connection), solved as a whole.
         in_shape: shape of the layer's input ``x_{l-1}`` (the unknown of its linear system).
         out_shape: shape of its pre-activation ``z_l``.
         kernel_shape: shape of the kernel parameter (its gradient gives the gradient rows).
         bias_path: path of the additive bias, or ``None``.
         activation: the activation after the layer (e.g. ``tanh``, ``leaky_relu(0.2)``, ``identity``).
         strides, padding, dilation, groups: convolution hyper-parameters (``None`` for dense layers).
+        params: ``(path, shape)`` of every parameter the layer reads (a block's kernels, biases and scales).
     """
 
     index: int
@@ -54,6 +56,7 @@ class Layer:
     padding: tuple[tuple[int, int], ...] | None = None
     dilation: tuple[int, ...] | None = None
     groups: int | None = None
+    params: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def bias(self) -> bool:
@@ -69,15 +72,21 @@ class Layer:
 
     @property
     def gradient_rows(self) -> int:
+        if self.kind == "block":
+            return int(sum(np.prod(shape) for _, shape in self.params))
         return int(np.prod(self.kernel_shape))
 
     def signature(self) -> tuple:
         """The layer without its name: equal for the same layer built through different adapters."""
         d = dataclasses.asdict(self)
         d.pop("path"), d.pop("bias_path")
+        d["params"] = tuple(shape for _, shape in self.params)
         return tuple(sorted(d.items())) + (("bias", self.bias),)
 
     def describe(self) -> str:
+        if self.kind == "block":
+            return (f"{self.path}: block {self.in_shape}->{self.out_shape} ({len(self.params)} parameter arrays, "
+                    f"{self.gradient_rows} gradient entries) -> {self.activation}")
         hyper = ""
         if self.kind == "conv":
             hyper = f" stride={self.strides} pad={self.padding} dil={self.dilation} groups={self.groups}"
@@ -323,9 +332,16 @@ def _analyse(model: Model, input_shape: tuple[int, ...]) -> _Structure:
             return _trace.evaluate([sn.x_out], {sn.z: z})[0]
 
         act = Activation("identity") if sn.x_out is sn.z else identify(act_fn, sn.z.shape, dtype)
+        name = paths[sn.kernel_leaf] if sn.kind == "layer" else _block_path([paths[k] for k in sn.leaves], i)
         if act is None:
-            problems.append((sn.x_out, f"activation after layer {paths[sn.kernel_leaf]!r} matches none of "
+            problems.append((sn.x_out, f"activation after layer {name!r} matches none of "
                                        f"{', '.join(_SUPPORTED_ACTS)}, gelu, silu"))
+            continue
+        read = tuple((paths[k], tuple(graph.params[k].shape)) for k in sn.leaves)
+        if sn.kind == "block":
+            stages.append(_Stage(sn, graph.params, Layer(
+                index=i, path=name, kind="block", in_shape=tuple(sn.x_in.shape[1:]), out_shape=tuple(sn.z.shape[1:]),
+                kernel_shape=(), bias_path=None, activation=str(act), params=read), act))
             continue
         w = sn.bilinear
         conv = w.name == "conv_general_dilated"
@@ -337,7 +353,7 @@ def _analyse(model: Model, input_shape: tuple[int, ...]) -> _Structure:
             strides=tuple(w.params["window_strides"]) if conv else None,
             padding=tuple(tuple(int(a) for a in p) for p in w.params["padding"]) if conv else None,
             dilation=tuple(w.params["rhs_dilation"]) if conv else None,
-            groups=int(w.params["feature_group_count"]) if conv else None,
+            groups=int(w.params["feature_group_count"]) if conv else None, params=read,
         )
         stages.append(_Stage(sn, graph.params, layer, act))
     if problems:
@@ -349,6 +365,22 @@ def _analyse(model: Model, input_shape: tuple[int, ...]) -> _Structure:
     structure = _Structure(tuple(stages), input_shape, dtype)
     _verify(model, structure)
     return structure
+
+
+def _block_path(paths: list[str], index: int) -> str:
+    """A block's name: the longest common module path of its parameters (e.g. ``ResBlock_0``)."""
+    split = [p.split("/") for p in paths]
+    common = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if split and len(common) == min(len(p) for p in split):
+        common = common[:-1]  # a single parameter: its module
+    if common:
+        return "/".join(common)
+    modules = list(dict.fromkeys("/".join(p[:-1]) or p[0] for p in split))
+    return f"block[{','.join(modules)}]" if modules else f"block_{index}"
 
 
 def _verify(model: Model, structure: _Structure):

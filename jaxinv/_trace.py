@@ -203,15 +203,21 @@ def evaluate(targets: Sequence[Node], bindings: dict) -> list:
 # ------------------------------------------------------------------------------------------------ segmentation
 @dataclasses.dataclass(eq=False)
 class StageNodes:
-    """The nodes of one stage ``x_{l-1} -> z_l -> x_l``."""
+    """The nodes of one stage ``x_{l-1} -> z_l -> x_l``.
+
+    A *layer* stage (``kind="layer"``) is affine in ``x_in`` with one kernel; a *block* stage (``kind="block"``:
+    a residual block, a skip connection) is the whole sub-graph between two nodes every path of the model goes
+    through, with all its weights (``leaves``), nonlinear in ``x_in``."""
 
     x_in: Node  # u_l: the stage input (model input or previous activation output)
-    bilinear: Node  # the kernel multiplication
-    kernel_leaf: int
+    bilinear: Node | None  # the kernel multiplication (None for a block)
+    kernel_leaf: int  # -1 for a block
     bias_leaf: int  # -1 when absent
     z: Node  # pre-activation (after bias)
     x_out: Node  # activation output (== z for identity)
     act_region: list[Node]
+    kind: str = "layer"
+    leaves: tuple[int, ...] = ()  # every parameter leaf the stage reads (kernel and bias; all of a block's)
 
 
 class Unsupported(Exception):
@@ -246,10 +252,67 @@ def _is_affine(n: Node, scale_ok: bool = False) -> bool:
     return False
 
 
+def _cut_nodes(g: Graph) -> list[Node]:
+    """The nodes every path from the model input to its output goes through, in order (input and output included).
+
+    With the nodes on input-to-output paths in topological order, a node is on every path iff no edge jumps over
+    it (an edge from before it to after it would start a path that avoids it)."""
+    anc = _ancestors(g.output)
+    order = [g.input] + [n for n in g.nodes if n.dep_input and n in anc]
+    pos = {n: k for k, n in enumerate(order)}
+    cover = np.zeros(len(order) + 1, np.int64)
+    for n in order:
+        for i in n.inputs:
+            if i in pos and pos[n] - pos[i] > 1:
+                cover[pos[i] + 1] += 1
+                cover[pos[n]] -= 1
+    jumped = np.cumsum(cover)
+    return [n for k, n in enumerate(order) if jumped[k] == 0]
+
+
+@dataclasses.dataclass(eq=False)
+class _Branch:
+    """A branched region between two consecutive cut nodes (a residual block, a skip connection) with weights."""
+
+    entry: Node  # where the branches fork
+    exit: Node  # where they join
+    inner: set  # nodes strictly between
+
+
+def _branches(g: Graph, is_weight: Callable[[Node], bool]) -> list[_Branch]:
+    cuts = _cut_nodes(g)
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        inner = _between(a, b) - {a, b}
+        if inner and any(is_weight(n) for n in inner | {b}):
+            out.append(_Branch(a, b, inner))
+    return out
+
+
+def _stage_leaves(region: set) -> tuple[int, ...]:
+    """Parameter leaves read directly by the nodes of ``region`` (through their non-activation operands)."""
+    leaves: set = set()
+    for n in region:
+        for i in n.inputs:
+            if not i.dep_input:
+                leaves |= i.dep_params
+    return tuple(sorted(leaves))
+
+
 def segment(g: Graph) -> list[StageNodes]:
-    """Cut the graph into stages; raise :class:`Unsupported` listing every operation that does not fit."""
+    """Cut the graph into stages; raise :class:`Unsupported` listing every operation that does not fit.
+
+    The graph is first cut at the nodes every path goes through (:func:`_cut_nodes`). A region between two such
+    nodes that branches and holds weights (a residual block ``x + F(x)``, a skip connection joined by a sum or a
+    concatenation) becomes one *block* stage; the weights on the single path become *layer* stages."""
     problems: list[tuple[Node, str]] = []
     act_nodes = [n for n in g.nodes if n.dep_input]
+
+    def is_weight(n: Node) -> bool:
+        return n.name in BILINEAR and any(i.dep_params for i in n.inputs if not i.dep_input)
+
+    branches = _branches(g, is_weight)
+    in_branch = set().union(*[b.inner | {b.exit} for b in branches]) if branches else set()
     for n in act_nodes:
         ops = _act_operands(n)
         if n.name in BILINEAR:
@@ -264,25 +327,27 @@ def segment(g: Graph) -> list[StageNodes]:
             if n.name in ELEMENTWISE and n.name not in LINEAR and n.name not in ARITH:
                 if any(i.dep_params for i in n.inputs if not i.dep_input):
                     problems.append((n, "activation with learned parameters (e.g. PReLU)"))
+        elif n.name == "concatenate" and n in in_branch:
+            pass  # joins the branches of a block (a U-Net skip): the block is solved as a whole
         else:
             problems.append((n, _DESCRIBE.get(n.name, f"operation '{n.name}'")))
-
-    def is_weight(n: Node) -> bool:
-        return n.name in BILINEAR and any(i.dep_params for i in n.inputs if not i.dep_input)
 
     weights = [n for n in act_nodes if is_weight(n)]
     if not weights:
         raise Unsupported(problems + [(g.output, "no weight layer (dense or convolution with a parameter kernel)")])
+    order = {n: k for k, n in enumerate(g.nodes)}
+    units = sorted([w for w in weights if w not in in_branch] + branches,
+                   key=lambda u: order[u.exit] if isinstance(u, _Branch) else order[u])
 
     stages: list[StageNodes] = []
     prev_x = g.input
-    for k, w in enumerate(weights):
-        (op,) = _act_operands(w)
-        kernel = next(i for i in w.inputs if not i.dep_input)
-        (kleaf,) = tuple(kernel.dep_params)
-        # walk back from the weight's operand through affine single-consumer ops to the stage input
-        u = op
-        while u is not prev_x and u.kind == "op" and _is_affine(u) and len(u.consumers) == 1 and not is_weight(u):
+    for unit in units:
+        block = isinstance(unit, _Branch)
+        start = unit.entry if block else _act_operands(unit)[0]
+        # walk back from the weight's operand (a block's fork) through affine single-consumer ops to the stage input
+        u = start
+        while (u is not prev_x and u.kind == "op" and _is_affine(u) and (len(u.consumers) == 1 or u is start)
+               and not is_weight(u)):
             if any(i.dep_params for i in u.inputs if not i.dep_input):
                 problems.append((u, "parameter added before the weight layer (unsupported affine pre-map)"))
                 break
@@ -293,14 +358,16 @@ def segment(g: Graph) -> list[StageNodes]:
             s.x_out, s.act_region = u, _region(s.z, u, problems)
         elif u is not g.input:
             problems.append((u, "nonlinear operation before the first weight layer"))
-        # walk forward from the weight through affine single-consumer ops: bias, reshapes, pooling
-        z, bias = w, -1
+        # walk forward from the weight (the block's join) through affine single-consumer ops: bias, reshapes, pooling
+        z, bias = (unit.exit if block else unit), -1
         while z is not g.output and len(z.consumers) == 1:
             c = z.consumers[0]
             if not _is_affine(c, scale_ok=True) or is_weight(c):
                 break
             pdeps = [i for i in c.inputs if not i.dep_input and i.dep_params]
-            if pdeps and c.name in ("mul", "div"):
+            if block:
+                pass  # a block's parameters are all its own: read below from its region
+            elif pdeps and c.name in ("mul", "div"):
                 # a learned scale after the weight (BatchNorm in inference form: gamma / sqrt(var + eps)): still
                 # affine in x; a bias added before it is no longer z's plain additive bias
                 bias = -1
@@ -310,7 +377,14 @@ def segment(g: Graph) -> list[StageNodes]:
                     break
                 (bias,) = tuple(pdeps[0].dep_params)
             z = c
-        stages.append(StageNodes(u, w, kleaf, bias, z, z, []))
+        if block:
+            region = _between(u, z) - {u}
+            stages.append(StageNodes(u, None, -1, -1, z, z, [], "block", _stage_leaves(region)))
+        else:
+            kernel = next(i for i in unit.inputs if not i.dep_input)
+            (kleaf,) = tuple(kernel.dep_params)
+            leaves = _stage_leaves(_between(u, z) - {u})
+            stages.append(StageNodes(u, unit, kleaf, bias, z, z, [], "layer", leaves))
         prev_x = z
     last = stages[-1]
     last.x_out, last.act_region = g.output, _region(last.z, g.output, problems)
