@@ -115,7 +115,11 @@ class BlockSystem:
         w = wg * gradient_weight
 
         def parts(u):
-            return (self.forward(u) - z) * m, tuple(a - b for a, b in zip(self.gradient(u), g))
+            f = self.forward(u)
+            fwd = (f - z) * m
+            if mask is not None:  # a ReLU's inactive outputs: the pre-activation is not positive there (hinge)
+                fwd = fwd + (1.0 - m) * jnp.maximum(f, 0.0)
+            return fwd, tuple(a - b for a, b in zip(self.gradient(u), g))
 
         def resid(u):
             f, gr = parts(u)

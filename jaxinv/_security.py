@@ -203,6 +203,56 @@ class _Maps:
         return self.apply(which, lambda s, t: np.asarray(v, np.float32).reshape(1, -1), 1)[:, 0]
 
 
+class _BlockMaps(_Maps):
+    r"""The same three maps for a block (:mod:`jaxinv._blocks`), whose system is nonlinear: its linearisation at
+    the analysed input :math:`u`, :math:`v\mapsto J_u f(u)\,v` (masked), its transpose, and
+    :math:`v\mapsto \partial_u \nabla_\theta\langle\delta, f(u;\theta)\rangle\, v` over all the block's
+    parameters (flattened and concatenated). The block is determined where this Jacobian has full column rank."""
+
+    def __init__(self, stage: _Stage, leaves, delta, mask, u):
+        self.shape = tuple(stage.nodes.x_in.shape)
+        self.out_shape = tuple(stage.nodes.z.shape)
+        idx = stage.nodes.leaves
+        self.dtype = jnp.result_type(u)
+        shape, dtype = self.shape, self.dtype
+
+        def fwd(leaves, second, v):
+            mask, u = second
+            t = jax.jvp(lambda x: stage.affine(x, leaves), (u,), (v.reshape(shape).astype(dtype),))[1]
+            return (t if mask is None else t * mask).reshape(-1)
+
+        def fwd_t(leaves, second, y):
+            f = lambda v: fwd(leaves, second, v)  # noqa: E731
+            return jax.linear_transpose(f, jax.ShapeDtypeStruct((math.prod(shape),), dtype))(y)[0]
+
+        def grad(leaves, second, v):
+            delta, u = second
+
+            def b(x):
+                def aff(*ws):
+                    lv = list(leaves)
+                    for i, w in zip(idx, ws):
+                        lv[i] = w
+                    return stage.affine(x, lv)
+
+                gs = jax.vjp(aff, *(leaves[i] for i in idx))[1](delta.astype(dtype))
+                return jnp.concatenate([g_.reshape(-1) for g_ in gs])
+
+            return jax.jvp(b, (u,), (v.reshape(shape).astype(dtype),))[1]
+
+        u = jnp.asarray(u, dtype).reshape(shape)
+        self.stage, self._leaves, self._mask, self._delta = stage, list(leaves), (mask, u), (delta, u)
+        cache = _cache_of(stage)
+        if "block_maps" not in cache:
+            raw = {"fwd": fwd, "fwd_t": fwd_t, "grad": grad}
+            cache["block_maps"] = {name: jax.jit(jax.vmap(f, in_axes=(None, None, 0))) for name, f in raw.items()}
+        self._fns = cache["block_maps"]
+        self.n = math.prod(shape)
+        self.m_total = math.prod(self.out_shape)
+        self.p = int(sum(np.size(leaves[i]) for i in idx))
+        self.chunk = int(min(512, 2 ** int(math.log2(max(1.0, 4e6 / max(self.n, self.m_total, self.p))))))
+
+
 def _units(idx: np.ndarray, n: int) -> Callable:
     """``vecs`` for :meth:`_Maps.apply`: the unit vectors ``e_i`` for ``i`` in ``idx``."""
 
@@ -926,7 +976,11 @@ def _analyse_layer(ld: _LayerData, leaves, key: int) -> LayerSecurity:
     head = ld.role == "head"
     relu = st.activation.name == "relu"
     mask = (ld.x_out > 0).astype(ld.z.dtype) if (relu and not head) else None
-    maps = _Maps(st, leaves, ld.delta, mask)
+    block = st.nodes.kind == "block"
+    if block and head:
+        raise ValueError(f"the model's last stage {L.path!r} is a block (branches joined at the output): the "
+                         "security metric needs a dense or convolution head")
+    maps = _BlockMaps(st, leaves, ld.delta, mask, ld.x_in) if block else _Maps(st, leaves, ld.delta, mask)
     n, p = maps.n, maps.p
     active = np.ones(maps.m_total, bool) if mask is None else np.asarray(mask).reshape(-1) > 0
     axes = _conv_axes(st, leaves) if L.kind == "conv" else None
@@ -1349,7 +1403,9 @@ def predict_psnr(layers: tuple[LayerSecurity, ...], image_energy: float = 0.25, 
     r"""Predicted PSNR (dB, images in ``[0, 1]``) of the layer-wise attack on a typical image.
 
     An error-propagation model from the head down, in relative error energies. The head's input is recovered in
-    closed form (relative error :math:`\epsilon_h`, fitted: :math:`6\cdot10^{-8}`). Going down through layer
+    closed form (relative error :math:`\epsilon_h`, fitted: :math:`6\cdot10^{-8}`) up to the energy its gradient rows
+    cannot see (:math:`e = f_L + (1 - f_L)\epsilon_h^2`; e.g. a global average pool before the head leaves only
+    the channel means). Going down through layer
     :math:`l`:
 
     .. math::
@@ -1368,7 +1424,9 @@ def predict_psnr(layers: tuple[LayerSecurity, ...], image_energy: float = 0.25, 
     :math:`-10\log_{10}(e_{-1}\,\overline{x^2})` with :math:`\overline{x^2}` the images' mean square.
     """
     c = dict(SCORE_CONSTANTS, **(constants or {}))
-    e2 = c["head"] ** 2
+    h = layers[-1]
+    f = min(max(h.lost_energy, 0.0), 1.0) if math.isfinite(h.lost_energy) else h.deficiency / h.unknowns
+    e2 = f + (1.0 - f) * c["head"] ** 2  # a head that sees only part of its input (e.g. after global pooling)
     for i in reversed(range(len(layers) - 1)):
         r = layers[i]
         s = r.sigma_min if (math.isfinite(r.sigma_min) and r.sigma_min > 0) else 1.0
@@ -1395,8 +1453,10 @@ def _verdict(layers, score: float) -> str:
                + (f" and error-amplifying activation inverses (up to {gain:.0f}x)" if gain > 10 else "")
                + " let float32 errors grow on the way down")
         return f"PARTIAL: a recognisable but inexact reconstruction is expected ({score:.0f} dB): {why}"
+    head = layers[-1]
+    seen = "the head's input" if head.deficiency == 0 else f"{head.rank} of the {head.unknowns} directions of the head's input"
     return (f"RESISTANT: the layer-wise attacks are not expected to reconstruct the input ({score:.0f} dB); "
-            "the gradient still reveals the label and the head's input")
+            f"the gradient still reveals the label and {seen}")
 
 
 # ============================================================================================ the advice
@@ -1509,7 +1569,13 @@ def _advice(layers: tuple[LayerSecurity, ...], traced, score: float) -> tuple[Ad
     if not shown and base_index < 0:
         out.append(Advice("", "none", "no single change to channels, stride, padding or kernel makes the model more "
                                       "deficient by the counting rules"))
-    if head.kind == "dense":
+    if head.deficiency > 0:
+        out.append(Advice(head.path, "head", (
+            f"{head.path} protects the input at the head: its gradient rows see only {head.rank} of the "
+            f"{head.unknowns} directions of its input (e.g. a global average pool before it keeps only the channel "
+            f"means); a typical input keeps {100 * head.lost_energy:.0f}% of its energy there, so the layers below "
+            "start from a partial answer")))
+    elif head.kind == "dense":
         has_bias = bool(traced.layers[-1].bias)
         out.append(Advice(head.path, "head", (
             "the head's width and bias do not change the ranks: its gradient delta x^T determines its input whenever "

@@ -1,6 +1,6 @@
 """Modern building blocks: BatchNorm in inference form (a fixed affine map inside its layer), fixed linear
-resampling, and the clear errors for the blocks the layer-wise methods cannot read (data-dependent normalisation,
-max pooling, residual connections)."""
+resampling, residual blocks and skip connections (one block stage, solved jointly), and the clear errors for the
+blocks the layer-wise methods cannot read (data-dependent normalisation, max pooling)."""
 
 import flax.linen as nn
 import jax
@@ -100,16 +100,16 @@ def test_data_dependent_normalisation_is_refused_naming_the_module(norm, where):
         jaxinv.from_linen(m, v, input_shape=(16, 16, 3))
 
 
-def test_max_pooling_and_residual_blocks_are_refused_clearly():
+def test_max_pooling_is_refused_clearly_and_resnet_is_read_as_blocks():
     m = Net("none", pool="max")
     v = m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     with pytest.raises(jaxinv.UnsupportedModelError, match="max pooling"):
         jaxinv.from_linen(m, v, input_shape=(16, 16, 3))
     module, variables = zoo.build("resnet8", key=jax.random.key(0), input_shape=(16, 16, 3))
-    with pytest.raises(jaxinv.UnsupportedModelError, match="residual connection"):
-        jaxinv.from_linen(module, variables, input_shape=(16, 16, 3))
-    model = jaxinv.from_linen(module, variables, input_shape=(16, 16, 3), strict=False)
-    assert model(jnp.zeros((2, 16, 16, 3))).shape == (2, 10)
+    model = jaxinv.from_linen(module, variables, input_shape=(16, 16, 3))
+    assert [l.kind for l in model.layers()] == ["conv", "block", "block", "block", "dense"]
+    # the second and third blocks have a projection shortcut: 3 kernels and 3 biases each
+    assert [len(l.params) for l in model.layers()] == [2, 4, 6, 6, 2]
 
 
 def test_resnet_norm_variants_build():
@@ -118,3 +118,123 @@ def test_resnet_norm_variants_build():
         v = m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
         model = jaxinv.from_linen(m, v, input_shape=(16, 16, 3), strict=False)
         assert model(jnp.zeros((1, 16, 16, 3))).shape == (1, 10)
+
+
+# ------------------------------------------------------------------------------------------------ residual blocks
+class Res(nn.Module):
+    """conv -> tanh -> [x + conv(relu(conv x))] (or a concatenation, or a strided 1x1 projection) -> dense."""
+
+    post: bool = False  # a ReLU after the sum
+    proj: bool = False
+    concat: bool = False
+    c: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        s = 2 if self.proj else 1
+        h = jnp.tanh(nn.Conv(self.c, (3, 3))(x))
+        y = nn.relu(nn.Conv(self.c, (3, 3), strides=s)(h))
+        y = nn.Conv(self.c, (3, 3))(y)
+        short = nn.Conv(self.c, (1, 1), strides=s)(h) if self.proj else h
+        h = jnp.concatenate([short, y], -1) if self.concat else y + short
+        h = nn.relu(h) if self.post else h
+        return nn.Dense(10)(h.reshape(h.shape[0], -1))
+
+
+def _res(size=16, **kw):
+    m = Res(**kw)
+    return jaxinv.from_linen(m, m.init(jax.random.key(1), jnp.zeros((1, size, size, 3))), input_shape=(size, size, 3))
+
+
+def test_a_residual_block_is_one_stage_with_all_its_parameters():
+    model = _res()
+    kinds = [(l.kind, l.activation) for l in model.layers()]
+    assert kinds == [("conv", "tanh"), ("block", "identity"), ("dense", "identity")]
+    block = model.layers()[1]
+    assert sorted(p for p, _ in block.params) == ["Conv_1/bias", "Conv_1/kernel", "Conv_2/bias", "Conv_2/kernel"]
+    assert block.gradient_rows == 2 * (9 * 4 * 4 + 4) and block.in_shape == (16, 16, 4)
+    assert "block" in model.summary()
+    x = data.load_photo("coffee", size=16)[None]
+    np.testing.assert_allclose(model.apply_layers(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_block_maps_against_the_dense_jacobians():
+    """The security metric's block operator (linearisation at the input) against jax.jacfwd of the block."""
+    from jaxinv._security import _BlockMaps
+
+    model = _res(size=6, post=True)
+    st = model.structure().stages[1]
+    leaves = jax.tree_util.tree_leaves(model.params)
+    u = jax.random.normal(jax.random.key(0), st.nodes.x_in.shape)
+    z = st.affine(u, leaves)
+    mask = (z > 0).astype(z.dtype)
+    delta = jax.random.normal(jax.random.key(1), z.shape)
+    maps = _BlockMaps(st, leaves, delta, mask, u)
+    n = maps.n
+    A = jax.jacfwd(lambda v: (st.affine(v.reshape(u.shape), leaves) * mask).reshape(-1))(u.reshape(-1))
+
+    def grads(v):
+        def f(*ws):
+            lv = list(leaves)
+            for i, w in zip(st.nodes.leaves, ws):
+                lv[i] = w
+            return st.affine(v.reshape(u.shape), lv)
+
+        gs = jax.vjp(f, *(leaves[i] for i in st.nodes.leaves))[1](delta)
+        return jnp.concatenate([g.reshape(-1) for g in gs])
+
+    B = jax.jacfwd(grads)(u.reshape(-1))
+    eye = np.eye(n, dtype=np.float32)
+    np.testing.assert_allclose(maps.apply("fwd", lambda s, t: eye[s:t], n), A, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(maps.apply("grad", lambda s, t: eye[s:t], n), B, rtol=1e-4, atol=1e-5)
+    m = A.shape[0]
+    eye_m = np.eye(m, dtype=np.float32)
+    np.testing.assert_allclose(maps.apply("fwd_t", lambda s, t: eye_m[s:t], m), A.T, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"concat": True}], ids=["sum", "concat"])
+def test_copa_inverts_a_determined_block_and_the_metric_agrees(kw):
+    """Without a ReLU after the join the forward rows of x + F(x) (or [x; F(x)]) determine the block's input."""
+    model = _res(**kw)
+    x = data.load_photo("coffee", size=16)[None]
+    g = jaxinv.client_gradient(model, x, jnp.array([3]))
+    rec = jaxinv.copa(model, g)
+    block = rec.layers[1]
+    assert int(block.status) == 0 and float(block.forward_residual) < 1e-5 and float(block.gradient_residual) < 1e-5
+    assert psnr(rec.image, x) > 60.0
+    rep = jaxinv.security(model, key=jax.random.key(0), probes=2)
+    assert rep.layers[1].kind == "block" and rep.layers[1].deficiency == 0 and rep.score > 60.0
+
+
+def test_relu_after_the_sum_leaves_a_narrow_block_underdetermined():
+    """A ReLU after x + F(x) removes the rows of its inactive outputs: with 4 channels the gradient rows (2 x 148)
+    cannot replace them; the metric counts the missing directions and the attack fails, as predicted."""
+    model = _res(post=True)
+    x = data.load_photo("coffee", size=16)[None]
+    rep = jaxinv.security(model, key=jax.random.key(0), probes=2)
+    b = rep.layers[1]
+    assert b.deficiency >= b.unknowns - b.forward_rows - b.gradient_rows > 0
+    assert rep.score < 30.0 and "RESISTANT" in rep.verdict
+    rec = jaxinv.copa(model, jaxinv.client_gradient(model, x, jnp.array([3])))
+    assert psnr(rec.image, x) < 30.0
+
+
+def test_blocks_refuse_pullback_and_a_block_head_clearly():
+    model = _res()
+    x = data.load_photo("coffee", size=16)[None]
+    g = jaxinv.client_gradient(model, x, jnp.array([3]))
+    with pytest.raises(ValueError, match=r"pullback is not supported on models with blocks \(block"):
+        jaxinv.copa(model, g, pullback=True)
+
+    def apply_fn(p, x):  # branches joined at the output
+        h = jnp.tanh(x.reshape(x.shape[0], -1) @ p["w0"])
+        return h @ p["w1"] + jnp.tanh(h @ p["w2"]) @ p["w3"] + p["b"]
+
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"w0": jax.random.normal(k[0], (12, 6)) / 4, "w1": jax.random.normal(k[1], (6, 3)),
+              "w2": jax.random.normal(k[2], (6, 6)), "w3": jax.random.normal(k[3], (6, 3)), "b": jnp.zeros(3)}
+    model = jaxinv.from_fn(apply_fn, params, input_shape=(2, 2, 3))
+    assert model.layers()[-1].kind == "block"
+    g = jaxinv.client_gradient(model, jnp.ones((1, 2, 2, 3)) / 2, jnp.array([1]))
+    with pytest.raises(jaxinv.HeadNotInvertibleError, match="is a block"):
+        jaxinv.copa(model, g)

@@ -83,11 +83,12 @@ def test_upsampling_head_operator_against_the_dense_matrix():
     np.testing.assert_allclose(sys.forward_transpose(y).reshape(-1), A.T @ y.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
-def test_unet_skip_connection_is_refused_clearly_and_ig_attacks_it():
+def test_unet_skip_connection_is_one_block_and_ig_attacks_it():
     module, variables = zoo.build("unet_seg", key=jax.random.key(0), input_shape=(16, 16, 3))
-    with pytest.raises(jaxinv.UnsupportedModelError, match="U-Net skip connection"):
-        jaxinv.from_linen(module, variables, input_shape=(16, 16, 3))
-    model = jaxinv.from_linen(module, variables, input_shape=(16, 16, 3), strict=False)
+    model = jaxinv.from_linen(module, variables, input_shape=(16, 16, 3))
+    # encoder conv, then the skip: [u; up(conv(down(u)))] joined by a concatenation, then decoder and head
+    assert [l.kind for l in model.layers()] == ["conv", "block", "conv", "conv"]
+    assert model.layers()[1].out_shape == (16, 16, 48)
     x = data.load_photo("coffee", size=16)[None]
     m = data.segmentation_masks(x, classes=4)
     g = jaxinv.client_gradient(model, x, m)
