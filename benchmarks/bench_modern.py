@@ -4,8 +4,8 @@
     python benchmarks/bench_modern.py --quick    # 2 photos, shorter IG
 
 Models (jaxinv.zoo.modern_names(), PyTorch-default init, key 10): ``fcn_seg`` (FCN with a 2x2 score map, bilinear
-upsampling, 21 classes: determined head), ``unet_seg`` (one skip connection; not layer-wise readable) and
-``resnet8`` (residual blocks; not layer-wise readable). Segmentation masks: ``data.segmentation_masks`` (4 luminance
+upsampling, 21 classes: determined head), ``unet_seg`` (one skip connection: one block stage) and ``resnet8``
+(three residual blocks, each one block stage solved jointly, then global average pooling before the head). Segmentation masks: ``data.segmentation_masks`` (4 luminance
 levels of each photo, all present). Labels/masks known to every attack. Per model and photo: COPA where it applies
 (its wall time and its total solver iterations), IG (cosine + TV, Adam, one restart) with as many steps as COPA's
 solver iterations ("equal evaluations": each IG step is one gradient of the gradient distance, at least one
@@ -36,13 +36,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ig-steps", type=int, default=1000)
+    ap.add_argument("--models", nargs="*", default=None, help="zoo names (default: jaxinv.zoo.modern_names())")
     args = ap.parse_args(argv)
     n = 2 if args.quick else 4
     ig_steps = 300 if args.quick else args.ig_steps
     names = data.photo_names()[:n]
     x = jnp.stack([data.load_photo(p, size=32) for p in names])
     rows = []
-    for name in zoo.modern_names():
+    for name in args.models or zoo.modern_names():
         spec = zoo.info(name)
         module, variables = zoo.build(name, key=jax.random.key(10))
         model = jaxinv.from_linen(module, variables, input_shape=spec.input_shape, name=name,
@@ -55,7 +56,9 @@ def main(argv=None):
             t0 = time.perf_counter()
             rep = jaxinv.security(model, key=jax.random.key(1), probes=2)
             sec = dict(score=rep.score, copa_index=rep.copa_index, seconds=time.perf_counter() - t0,
-                       deficiencies=[l.deficiency for l in rep.layers])
+                       deficiencies=[l.deficiency for l in rep.layers], verdict=rep.verdict,
+                       layers=[dict(path=l.path, kind=l.kind, unknowns=l.unknowns, rank=l.rank, exact=l.exact,
+                                    lost_energy=l.lost_energy) for l in rep.layers])
         for i, photo in enumerate(names):
             g = jaxinv.client_gradient(model, x[i:i + 1], labels[i:i + 1])
             row = dict(model=name, photo=photo, task=spec.task)
@@ -66,7 +69,10 @@ def main(argv=None):
                 jax.block_until_ready(rec.image)
                 budget = int(sum(int(r.steps) for r in rec.layers))
                 row.update(copa_psnr=min(300.0, float(jaxinv.metrics.psnr(rec.image, x[i:i + 1])[0])),
-                           copa_seconds=time.perf_counter() - t0, copa_iterations=budget)
+                           copa_seconds=time.perf_counter() - t0, copa_iterations=budget,
+                           copa_layers=[dict(path=r.path, forward_residual=float(r.forward_residual),
+                                             gradient_residual=float(r.gradient_residual), status=int(r.status))
+                                        for r in rec.layers])
             for tag, steps in (("ig_equal", budget), ("ig", ig_steps)):
                 if steps is None:
                     continue
@@ -89,7 +95,7 @@ def main(argv=None):
              f"Photos: {', '.join(names)}; IG: cosine + TV, Adam, 1 restart; PSNR in dB (data range 1, cap 300).", "",
              "| model | task | COPA PSNR | COPA s | COPA iterations | IG, equal iterations | IG "
              f"{ig_steps} steps | IG s | metric score |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in zoo.modern_names():
+    for name in args.models or zoo.modern_names():
         rs = [r for r in rows if r["model"] == name and "photo" in r]
         sec = next((r for r in rows if r["model"] == name and r.get("kind") == "security"), None)
 

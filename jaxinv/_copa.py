@@ -550,6 +550,10 @@ def copa(
         if batch_size is not None and T is None and label.size != batch_size:
             raise ValueError(f"label has {label.size} entries but batch_size is {batch_size}")
     if T is None and ((label is not None and label.size > 1) or (batch_size or 1) > 1):
+        blocks = [st.layer.path for st in structure.stages if st.nodes.kind == "block"]
+        if blocks:
+            raise ValueError(f"batch gradients are not supported on models with blocks ({', '.join(blocks)}) yet: "
+                             "use jaxinv.attack('ig', ..., batch_size=B)")
         if pullback is not False:
             raise ValueError("pullback is not supported for batch gradients yet: use pullback=False")
         return _copa_batch(model, structure, gleaves, label, batch_size, loss, n_out, key,

@@ -296,14 +296,16 @@ def _format_unsupported(model: Model, problems) -> str:
                     "layer-wise methods read BatchNorm in inference form (use_running_average=True), a fixed affine "
                     "map")
         elif any(n.name in ("add", "add_any", "sub") and sum(i.dep_input for i in n.inputs) == 2 for n, _ in items):
-            best = ("sum of two branches (a residual connection x + F(x)?): the layer-wise methods follow a single "
-                    "path through the network")
+            best = ("sum of two branches with no weight layer between where they fork and join: the layer-wise "
+                    "methods read a residual block x + F(x) as one block only when F has a dense or convolution "
+                    "layer")
         prims = ", ".join(dict.fromkeys(n.name for n, _ in items))
         lines.append(f"  - at {where}: {best} [ops: {prims}; shape {list(items[0][0].shape)}]")
     lines.append(
         "Supported: dense and convolution layers (any stride, padding, dilation, groups; bias or not), "
         "BatchNorm in inference form, reshape/flatten/transpose, average pooling, fixed linear resampling (bilinear "
-        "upsampling), input scaling, and element-wise activations "
+        "upsampling), input scaling, residual blocks and skip connections (solved as one block), and element-wise "
+        "activations "
         f"({', '.join(_SUPPORTED_ACTS)}). Optimisation attacks (jaxinv.attack('ig' | 'dlg' | 'idlg', ...)) "
         "work on any differentiable model: build it with strict=False."
     )

@@ -720,9 +720,9 @@ _MODERN: dict[str, ModernInfo] = {m.name: m for m in (
     ModernInfo("fcn_seg", "jaxinv: FCN-32s/16s-style segmentation net (Long et al. 2015), 2x2 score map, "
                "bilinear upsampling, 21 classes (PASCAL VOC's count)", _CIFAR, 21, "segmentation", True, FCNSeg),
     ModernInfo("unet_seg", "jaxinv: small U-Net (Ronneberger et al. 2015), one skip connection, 21 classes",
-               _CIFAR, 21, "segmentation", False, UNetSeg),
+               _CIFAR, 21, "segmentation", True, UNetSeg),
     ModernInfo("resnet8", "He et al. 2016 CIFAR ResNet with n = 1 (ResNet-8), no normalisation", _CIFAR, 10,
-               "classification", False, ResNet),
+               "classification", True, ResNet),
 )}
 
 

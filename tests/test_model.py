@@ -140,15 +140,22 @@ def test_unsupported_ops_listed_with_paths():
     assert m(jnp.zeros((2,) + SHAPE)).shape == (2, 3)
 
 
-def test_residual_connection_is_reported():
+def test_residual_connection_is_a_block_and_a_weightless_branch_is_reported():
     p = {"w": jnp.ones((12, 12)) * 0.1, "v": jnp.ones((12, 3)) * 0.1}
 
     def f(p, x):
         h = x.reshape(x.shape[0], -1)
         return (jnp.tanh(h @ p["w"]) + h) @ p["v"]
 
-    with pytest.raises(jaxinv.UnsupportedModelError, match="residual|branch|another branch"):
-        jaxinv.from_fn(f, p, input_shape=(2, 2, 3))
+    model = jaxinv.from_fn(f, p, input_shape=(2, 2, 3))
+    assert [(l.kind, l.in_shape) for l in model.layers()] == [("block", (2, 2, 3)), ("dense", (12,))]
+
+    def g(p, x):  # x + tanh(x) has no weight between fork and join: not a block, and not element-wise either
+        h = x.reshape(x.shape[0], -1)
+        return (jnp.tanh(h).reshape(x.shape).transpose(0, 2, 1, 3).reshape(h.shape) + h) @ p["v"]
+
+    with pytest.raises(jaxinv.UnsupportedModelError, match="no weight layer between where they fork and join"):
+        jaxinv.from_fn(g, p, input_shape=(2, 2, 3))
 
 
 def test_learned_activation_parameter_rejected():

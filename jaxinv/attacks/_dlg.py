@@ -52,6 +52,9 @@ def _head_signal(model: Model, grads: PyTree, input_shape) -> tuple[Array, bool]
         ) from None
     gleaves, _ = validate_grads(model, grads, allow_batch=False)
     st = structure.stages[-1]
+    if st.nodes.kind == "block":
+        raise ValueError(f"the last stage {st.layer.path!r} of model {model.name!r} is a block (branches joined at "
+                         "the logits): its gradient does not give the output error; pass label= to the attack")
     if st.nodes.bias_leaf >= 0:
         d, _ = head_delta_direction(structure, gleaves)
         return d.reshape(-1), True

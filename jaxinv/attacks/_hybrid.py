@@ -297,6 +297,12 @@ def hybrid(
             raise ValueError(f"hybrid: box=(lo, hi) needs lo < hi, got {box!r}")
     pb = as_pullback(pullback)
     structure = model.structure(input_shape)
+    blocks = [st.layer.path for st in structure.stages if st.nodes.kind == "block"]
+    if blocks:
+        raise ValueError(
+            f"hybrid: model {model.name!r} has blocks ({', '.join(blocks)}), which jaxinv solves jointly by "
+            "Levenberg-Marquardt (jaxinv.copa) rather than by a linear system to match against; use jaxinv.copa, or "
+            "jaxinv.attack('ig', ...) for an optimisation attack")
     gleaves, T = validate_grads(model, grads)
     n_out = math.prod(structure.stages[-1].nodes.x_out.shape)
     n_lab = 2 if n_out == 1 else n_out
