@@ -1454,7 +1454,8 @@ def _verdict(layers, score: float) -> str:
                + " let float32 errors grow on the way down")
         return f"PARTIAL: a recognisable but inexact reconstruction is expected ({score:.0f} dB): {why}"
     head = layers[-1]
-    seen = "the head's input" if head.deficiency == 0 else f"{head.rank} of the {head.unknowns} directions of the head's input"
+    seen = ("the head's input" if head.deficiency == 0 else
+            f"{head.rank} of the {head.unknowns} directions of the head's input")
     return (f"RESISTANT: the layer-wise attacks are not expected to reconstruct the input ({score:.0f} dB); "
             f"the gradient still reveals the label and {seen}")
 
