@@ -137,47 +137,55 @@ class _Maps:
     r"""One layer's linear maps, batched and compiled once: :math:`v\mapsto A v` (masked to the rows in use),
     :math:`y\mapsto A^\top y` and :math:`v\mapsto B(v;\delta)`.
 
-    :math:`A v` is the tangent of the layer's affine map (``jax.jvp``), :math:`B(v;\delta)` the kernel cotangent
-    (``jax.vjp``): both are the layer's own convolution / matmul, so applied to a unit vector they return the matrix
-    entries exactly. Inputs are given as rows of a float32 array; :meth:`apply` returns float64 columns.
+    :math:`A v` is the tangent of the layer's map at ``u`` (``jax.jvp``), :math:`B(v;\delta)` the tangent of the
+    cotangent of its parameters (``jax.vjp``), flattened and concatenated: for a layer (``u = 0``, its kernel) the
+    layer's own convolution / matmul, so applied to a unit vector they return the matrix entries exactly; for a block
+    (:mod:`jaxinv._blocks`: its input ``u``, all its parameters) the linearisation of its nonlinear system, determined
+    where it has full column rank. Inputs are given as rows of a float32 array; :meth:`apply` returns float64 columns.
     """
 
-    def __init__(self, stage: _Stage, leaves, delta, mask):
+    def __init__(self, stage: _Stage, leaves, delta, mask, u=None):
         self.shape = tuple(stage.nodes.x_in.shape)
         self.out_shape = tuple(stage.nodes.z.shape)
-        k = stage.nodes.kernel_leaf
-        self.dtype = jnp.result_type(leaves[k])
-        shape, out_shape, dtype = self.shape, self.out_shape, self.dtype
-        x0 = jnp.zeros(shape, dtype)
+        block = stage.nodes.kind == "block"
+        idx = stage.nodes.leaves if block else (stage.nodes.kernel_leaf,)
+        self.dtype = jnp.result_type(leaves[idx[0]])
+        shape, dtype = self.shape, self.dtype
+        u = jnp.zeros(shape, dtype) if u is None else jnp.asarray(u, dtype).reshape(shape)
 
-        def fwd(leaves, mask, v):
-            t = jax.jvp(lambda x: stage.affine(x, leaves), (x0,), (v.reshape(shape).astype(dtype),))[1]
+        def fwd(leaves, second, v):
+            mask, u = second
+            t = jax.jvp(lambda x: stage.affine(x, leaves), (u,), (v.reshape(shape).astype(dtype),))[1]
             return (t if mask is None else t * mask).reshape(-1)
 
-        def fwd_t(leaves, mask, y):
-            f = lambda v: fwd(leaves, mask, v)  # noqa: E731
+        def fwd_t(leaves, second, y):
+            f = lambda v: fwd(leaves, second, v)  # noqa: E731
             return jax.linear_transpose(f, jax.ShapeDtypeStruct((math.prod(shape),), dtype))(y)[0]
 
-        def grad(leaves, delta, v):
-            def b(x):  # B(x; delta) + B(0; delta): the kernel gradient is affine in x (input shifts)
-                def aff(w):
+        def grad(leaves, second, v):
+            delta, u = second
+
+            def b(x):  # B(x; delta) (+ B(0; delta) for a layer: its kernel gradient is affine in x)
+                def aff(*ws):
                     lv = list(leaves)
-                    lv[k] = w
+                    for i, w in zip(idx, ws):
+                        lv[i] = w
                     return stage.affine(x, lv)
 
-                return jax.vjp(aff, leaves[k])[1](delta.astype(dtype))[0]
+                gs = jax.vjp(aff, *(leaves[i] for i in idx))[1](delta.astype(dtype))
+                return jnp.concatenate([g_.reshape(-1) for g_ in gs])
 
-            return jax.jvp(b, (x0,), (v.reshape(shape).astype(dtype),))[1].reshape(-1)  # its linear part
+            return jax.jvp(b, (u,), (v.reshape(shape).astype(dtype),))[1]  # its linear part
 
-        self.stage, self._leaves, self._mask, self._delta = stage, list(leaves), mask, delta
+        self.stage, self._leaves, self._mask, self._delta = stage, list(leaves), (mask, u), (delta, u)
         cache = _cache_of(stage)  # compiled once per layer of a model
         if "maps" not in cache:
             raw = {"fwd": fwd, "fwd_t": fwd_t, "grad": grad}
             cache["maps"] = {name: jax.jit(jax.vmap(f, in_axes=(None, None, 0))) for name, f in raw.items()}
         self._fns = cache["maps"]
         self.n = math.prod(shape)
-        self.m_total = math.prod(out_shape)
-        self.p = int(np.size(leaves[k]))
+        self.m_total = math.prod(self.out_shape)
+        self.p = int(sum(np.size(leaves[i]) for i in idx))
         self.chunk = int(min(512, 2 ** int(math.log2(max(1.0, 4e6 / max(self.n, self.m_total, self.p))))))
 
     def apply(self, which: str, vecs: Callable, k: int) -> np.ndarray:
@@ -201,56 +209,6 @@ class _Maps:
         """Apply map ``which`` to one vector, through the batched map (the chunk bounds the padded work, and no
         second compilation is needed)."""
         return self.apply(which, lambda s, t: np.asarray(v, np.float32).reshape(1, -1), 1)[:, 0]
-
-
-class _BlockMaps(_Maps):
-    r"""The same three maps for a block (:mod:`jaxinv._blocks`), whose system is nonlinear: its linearisation at
-    the analysed input :math:`u`, :math:`v\mapsto J_u f(u)\,v` (masked), its transpose, and
-    :math:`v\mapsto \partial_u \nabla_\theta\langle\delta, f(u;\theta)\rangle\, v` over all the block's
-    parameters (flattened and concatenated). The block is determined where this Jacobian has full column rank."""
-
-    def __init__(self, stage: _Stage, leaves, delta, mask, u):
-        self.shape = tuple(stage.nodes.x_in.shape)
-        self.out_shape = tuple(stage.nodes.z.shape)
-        idx = stage.nodes.leaves
-        self.dtype = jnp.result_type(u)
-        shape, dtype = self.shape, self.dtype
-
-        def fwd(leaves, second, v):
-            mask, u = second
-            t = jax.jvp(lambda x: stage.affine(x, leaves), (u,), (v.reshape(shape).astype(dtype),))[1]
-            return (t if mask is None else t * mask).reshape(-1)
-
-        def fwd_t(leaves, second, y):
-            f = lambda v: fwd(leaves, second, v)  # noqa: E731
-            return jax.linear_transpose(f, jax.ShapeDtypeStruct((math.prod(shape),), dtype))(y)[0]
-
-        def grad(leaves, second, v):
-            delta, u = second
-
-            def b(x):
-                def aff(*ws):
-                    lv = list(leaves)
-                    for i, w in zip(idx, ws):
-                        lv[i] = w
-                    return stage.affine(x, lv)
-
-                gs = jax.vjp(aff, *(leaves[i] for i in idx))[1](delta.astype(dtype))
-                return jnp.concatenate([g_.reshape(-1) for g_ in gs])
-
-            return jax.jvp(b, (u,), (v.reshape(shape).astype(dtype),))[1]
-
-        u = jnp.asarray(u, dtype).reshape(shape)
-        self.stage, self._leaves, self._mask, self._delta = stage, list(leaves), (mask, u), (delta, u)
-        cache = _cache_of(stage)
-        if "block_maps" not in cache:
-            raw = {"fwd": fwd, "fwd_t": fwd_t, "grad": grad}
-            cache["block_maps"] = {name: jax.jit(jax.vmap(f, in_axes=(None, None, 0))) for name, f in raw.items()}
-        self._fns = cache["block_maps"]
-        self.n = math.prod(shape)
-        self.m_total = math.prod(self.out_shape)
-        self.p = int(sum(np.size(leaves[i]) for i in idx))
-        self.chunk = int(min(512, 2 ** int(math.log2(max(1.0, 4e6 / max(self.n, self.m_total, self.p))))))
 
 
 def _units(idx: np.ndarray, n: int) -> Callable:
@@ -980,7 +938,7 @@ def _analyse_layer(ld: _LayerData, leaves, key: int) -> LayerSecurity:
     if block and head:
         raise ValueError(f"the model's last stage {L.path!r} is a block (branches joined at the output): the "
                          "security metric needs a dense or convolution head")
-    maps = _BlockMaps(st, leaves, ld.delta, mask, ld.x_in) if block else _Maps(st, leaves, ld.delta, mask)
+    maps = _Maps(st, leaves, ld.delta, mask, ld.x_in if block else None)
     n, p = maps.n, maps.p
     active = np.ones(maps.m_total, bool) if mask is None else np.asarray(mask).reshape(-1) > 0
     axes = _conv_axes(st, leaves) if L.kind == "conv" else None

@@ -160,7 +160,7 @@ def test_a_residual_block_is_one_stage_with_all_its_parameters():
 
 def test_block_maps_against_the_dense_jacobians():
     """The security metric's block operator (linearisation at the input) against jax.jacfwd of the block."""
-    from jaxinv._security import _BlockMaps
+    from jaxinv._security import _Maps
 
     model = _res(size=6, post=True)
     st = model.structure().stages[1]
@@ -169,7 +169,7 @@ def test_block_maps_against_the_dense_jacobians():
     z = st.affine(u, leaves)
     mask = (z > 0).astype(z.dtype)
     delta = jax.random.normal(jax.random.key(1), z.shape)
-    maps = _BlockMaps(st, leaves, delta, mask, u)
+    maps = _Maps(st, leaves, delta, mask, u)
     n = maps.n
     A = jax.jacfwd(lambda v: (st.affine(v.reshape(u.shape), leaves) * mask).reshape(-1))(u.reshape(-1))
 
