@@ -106,11 +106,12 @@ class _Stage:
     def _bind(self, leaves):
         return dict(zip(self.param_nodes, leaves))
 
-    def affine(self, x, leaves):
-        """``z = A(x; W) + b`` for one example ``x`` of shape ``(1, *in_shape)``."""
+    def affine(self, x, leaves, smooth=None):
+        """``z = A(x; W) + b`` for one example ``x`` of shape ``(1, *in_shape)`` (a block's map ``f(x)``; with
+        ``smooth``, its kinks smoothed at that temperature: :func:`jaxinv._trace.evaluate`)."""
         b = self._bind(leaves)
         b[self.nodes.x_in] = x
-        return _trace.evaluate([self.nodes.z], b)[0]
+        return _trace.evaluate([self.nodes.z], b, smooth)[0]
 
     def __call__(self, x, leaves):
         return self.activation(self.affine(x, leaves))
@@ -304,7 +305,8 @@ def _format_unsupported(model: Model, problems) -> str:
     lines.append(
         "Supported: dense and convolution layers (any stride, padding, dilation, groups; bias or not), "
         "BatchNorm in inference form, reshape/flatten/transpose, average pooling, fixed linear resampling (bilinear "
-        "upsampling), input scaling, residual blocks and skip connections (solved as one block), and element-wise "
+        "upsampling), input scaling, residual blocks, skip connections and max pooling (solved as one block with the "
+        "layers around them), and element-wise "
         "activations "
         f"({', '.join(_SUPPORTED_ACTS)}). Optimisation attacks (jaxinv.attack('ig' | 'dlg' | 'idlg', ...)) "
         "work on any differentiable model: build it with strict=False."

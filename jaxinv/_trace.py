@@ -44,6 +44,8 @@ ELEMENTWISE = {
     "sin", "cos", "clamp", "not", "and", "or", "stop_gradient", "is_finite", "atan2", "sinh", "cosh", "asinh",
     "tan", "atan", "floor", "ceil", "round", "nextafter", "logaddexp",
 } | ARITH | {"convert_element_type", "copy", "copy_p", "neg", "reduce_precision"}
+# Max pooling: nonlinear (an argmax per window); read with the weight layer before it as one block.
+MAX_POOL = {"reduce_window_max", "reduce_max"}
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 _DESCRIBE = {
     "reduce_window_max": "max pooling",
@@ -174,11 +176,40 @@ def build_graph(apply_fn: Callable, params: Any, x_example: jax.Array) -> Graph:
     return Graph(input=inode, params=pnodes, output=outs[0], nodes=nodes)
 
 
-def evaluate(targets: Sequence[Node], bindings: dict) -> list:
+def _smoothed(n: Node, args: list, t):
+    r"""``n``'s value with its kink smoothed at temperature ``t`` (``None`` when ``n`` has no kink we smooth).
+
+    :math:`\max(a, b) = b + (a - b)_+ \approx b + t\,\mathrm{softplus}((a - b)/t)` (ReLU is :math:`b = 0`),
+    :math:`\min` likewise, and max pooling by the log-sum-exp of each window,
+    :math:`t \log\sum_{i \in w} e^{x_i / t}`: every unit of a window gets a share of the gradient (its softmax
+    weight) instead of the argmax alone. Both tend to the exact operation as :math:`t \to 0`."""
+    if n.name in ("max", "min") and len(args) == 2:
+        a, b = jnp.broadcast_arrays(*args)
+        sp = t * jax.nn.softplus((a - b) / t) if n.name == "max" else -t * jax.nn.softplus((b - a) / t)
+        return b + sp if n.name == "max" else a + sp
+    if n.name == "reduce_max":
+        return t * jax.nn.logsumexp(args[0] / t, axis=tuple(n.params["axes"]))
+    if n.name == "reduce_window_max":
+        p = n.params
+        if any(d != 1 for d in tuple(p["base_dilation"]) + tuple(p["window_dilation"])):
+            return None
+        x = jax.lax.pad(args[0], jnp.array(-jnp.inf, args[0].dtype), [(lo, hi, 0) for lo, hi in p["padding"]])
+        out = n.shape
+        windows = []
+        for off in np.ndindex(*p["window_dimensions"]):
+            limit = [o + s * (k - 1) + 1 for o, s, k in zip(off, p["window_strides"], out)]
+            windows.append(jax.lax.slice(x, off, limit, p["window_strides"]))
+        return t * jax.nn.logsumexp(jnp.stack(windows) / t, axis=0)
+    return None
+
+
+def evaluate(targets: Sequence[Node], bindings: dict, smooth=None) -> list:
     """Evaluate ``targets`` given values for some nodes (``bindings``: Node -> array).
 
     Used to replay a stage ``x_{l-1} -> z_l`` (binding ``x_{l-1}`` and the parameter leaves) or an activation
     ``z_l -> x_l``. Reaching the model input unbound means the piece is not self-contained: an internal error.
+    With ``smooth`` (a positive temperature), the kinks inside (ReLU, max, max pooling) are smoothed
+    (:func:`_smoothed`): continuation for the nonlinear block solves.
     """
     memo = dict(bindings)
 
@@ -191,7 +222,9 @@ def evaluate(targets: Sequence[Node], bindings: dict) -> list:
             raise RuntimeError(f"jaxinv internal error: unbound {n.kind} while replaying a layer")
         else:
             args = [ev(i) for i in n.inputs]
-            v = n.prim.bind(*args, **n.params)
+            v = None if smooth is None or not n.dep_input else _smoothed(n, args, smooth)
+            if v is None:
+                v = n.prim.bind(*args, **n.params)
             if getattr(n, "multi", False):
                 v = v[n.index]
         memo[n] = v
@@ -290,6 +323,26 @@ def _branches(g: Graph, is_weight: Callable[[Node], bool]) -> list[_Branch]:
     return out
 
 
+def _pool_units(g: Graph, act_nodes: list[Node], in_branch: set, is_weight) -> list[_Branch]:
+    """Max pooling on the main path: with the weight layer before it, one block ``u -> pool(act(W u + b))``.
+
+    Max pooling is not linear (which unit of each window passes is the argmax of the unknown pre-pooling
+    activations), so the layer before it cannot be inverted by one linear solve; as a block, its input solves the
+    layer's forward and gradient constraints through the pooling's argmax pattern (:mod:`jaxinv._blocks`)."""
+    order = {n: k for k, n in enumerate(g.nodes)}
+    weights = [n for n in act_nodes if is_weight(n) and n not in in_branch]
+    groups: dict = {}
+    for p in (n for n in act_nodes if n.name in MAX_POOL and n not in in_branch):
+        anc = _ancestors(p)
+        before = [w for w in weights if w in anc]
+        if before:
+            w = max(before, key=order.get)
+            if w not in groups or order[p] > order[groups[w]]:
+                groups[w] = p
+    return [_Branch(_act_operands(w)[0], p, _between(_act_operands(w)[0], p) - {_act_operands(w)[0], p})
+            for w, p in groups.items()]
+
+
 def _stage_leaves(region: set) -> tuple[int, ...]:
     """Parameter leaves read directly by the nodes of ``region`` (through their non-activation operands)."""
     leaves: set = set()
@@ -314,6 +367,8 @@ def segment(g: Graph) -> list[StageNodes]:
 
     branches = _branches(g, is_weight)
     in_branch = set().union(*[b.inner | {b.exit} for b in branches]) if branches else set()
+    branches += _pool_units(g, act_nodes, in_branch, is_weight)
+    in_branch = set().union(*[b.inner | {b.exit} for b in branches]) if branches else set()
     for n in act_nodes:
         ops = _act_operands(n)
         if n.name in BILINEAR:
@@ -330,6 +385,8 @@ def segment(g: Graph) -> list[StageNodes]:
                     problems.append((n, "activation with learned parameters (e.g. PReLU)"))
         elif n.name == "concatenate" and n in in_branch:
             pass  # joins the branches of a block (a U-Net skip): the block is solved as a whole
+        elif n.name in MAX_POOL and n in in_branch:
+            pass  # max pooling inside a block (its argmax pattern is part of the block's nonlinear map)
         else:
             problems.append((n, _DESCRIBE.get(n.name, f"operation '{n.name}'")))
 

@@ -196,17 +196,20 @@ def test_stacked_targets():
 
 
 def test_any_differentiable_model():
-    """Optimisation attacks need only apply_fn (here max pooling, which the layer-wise methods cannot place);
-    label recovery needs the layers, so without them the error says to pass the label."""
+    """Optimisation attacks need only apply_fn (here self-attention over the pixels, a product of two activations,
+    which the layer-wise methods cannot place); label recovery needs the layers, so without them the error says to
+    pass the label."""
     import flax.linen as nn
 
-    class Pooled(nn.Module):
+    class Attend(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.max_pool(nn.sigmoid(nn.Conv(8, (3, 3))(x)), (2, 2), strides=(2, 2))
-            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+            a = nn.sigmoid(nn.Conv(8, (3, 3))(x))
+            a = a.reshape(a.shape[0], -1, a.shape[-1])
+            a = a + jax.nn.softmax(jnp.einsum("bic,bjc->bij", a, a), axis=-1) @ a
+            return nn.Dense(10)(a.reshape(a.shape[0], -1))
 
-    net = Pooled()
+    net = Attend()
     model = jaxinv.from_linen(net, net.init(jax.random.key(0), jnp.zeros((1,) + SHAPE)), input_shape=SHAPE,
                               strict=False)
     _, x, _ = tiny()
