@@ -305,8 +305,9 @@ def _format_unsupported(model: Model, problems) -> str:
     lines.append(
         "Supported: dense and convolution layers (any stride, padding, dilation, groups; bias or not), "
         "BatchNorm in inference form, reshape/flatten/transpose, average pooling, fixed linear resampling (bilinear "
-        "upsampling), input scaling, residual blocks, skip connections and max pooling (solved as one block with the "
-        "layers around them), and element-wise "
+        "upsampling), input scaling, residual blocks, skip connections, max pooling and normalisation by the data's "
+        "statistics after a layer (LayerNorm, GroupNorm, BatchNorm in training form: each solved as one block with the "
+        "layers around it), and element-wise "
         "activations "
         f"({', '.join(_SUPPORTED_ACTS)}). Optimisation attacks (jaxinv.attack('ig' | 'dlg' | 'idlg', ...)) "
         "work on any differentiable model: build it with strict=False."

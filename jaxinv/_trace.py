@@ -323,16 +323,24 @@ def _branches(g: Graph, is_weight: Callable[[Node], bool]) -> list[_Branch]:
     return out
 
 
-def _pool_units(g: Graph, act_nodes: list[Node], in_branch: set, is_weight) -> list[_Branch]:
-    """Max pooling on the main path: with the weight layer before it, one block ``u -> pool(act(W u + b))``.
+def _attached_units(g: Graph, act_nodes: list[Node], in_branch: set, is_weight) -> list[_Branch]:
+    """Nonlinear maps that mix units, on the main path after a weight layer: with that layer, one block.
 
-    Max pooling is not linear (which unit of each window passes is the argmax of the unknown pre-pooling
-    activations), so the layer before it cannot be inverted by one linear solve; as a block, its input solves the
-    layer's forward and gradient constraints through the pooling's argmax pattern (:mod:`jaxinv._blocks`)."""
+    Max pooling (which unit of each window passes is the argmax of the unknown pre-pooling values) and
+    normalisation by the data's own statistics (LayerNorm, GroupNorm, BatchNorm in training form: a branched
+    region without weights, whose branches meet after a reduction) are not element-wise, so the layer before them
+    cannot be inverted by one linear solve; as a block ``u -> N(act(W u + b))``, its input solves the layer's
+    forward and gradient constraints through them (:mod:`jaxinv._blocks`)."""
     order = {n: k for k, n in enumerate(g.nodes)}
     weights = [n for n in act_nodes if is_weight(n) and n not in in_branch]
+    spots = [n for n in act_nodes if n.name in MAX_POOL and n not in in_branch]
+    cuts = _cut_nodes(g)
+    for a, b in zip(cuts, cuts[1:]):
+        inner = _between(a, b) - {a, b}
+        if inner and not inner & in_branch and any(n.name not in ELEMENTWISE for n in inner | {b}):
+            spots.append(b)  # a weightless branched region that mixes units (normalisation)
     groups: dict = {}
-    for p in (n for n in act_nodes if n.name in MAX_POOL and n not in in_branch):
+    for p in spots:
         anc = _ancestors(p)
         before = [w for w in weights if w in anc]
         if before:
@@ -360,14 +368,15 @@ def segment(g: Graph) -> list[StageNodes]:
     nodes that branches and holds weights (a residual block ``x + F(x)``, a skip connection joined by a sum or a
     concatenation) becomes one *block* stage; the weights on the single path become *layer* stages."""
     problems: list[tuple[Node, str]] = []
-    act_nodes = [n for n in g.nodes if n.dep_input]
+    live = _ancestors(g.output)  # values the output does not use (BatchNorm's statistics update) are ignored
+    act_nodes = [n for n in g.nodes if n.dep_input and n in live]
 
     def is_weight(n: Node) -> bool:
         return n.name in BILINEAR and any(i.dep_params for i in n.inputs if not i.dep_input)
 
     branches = _branches(g, is_weight)
     in_branch = set().union(*[b.inner | {b.exit} for b in branches]) if branches else set()
-    branches += _pool_units(g, act_nodes, in_branch, is_weight)
+    branches += _attached_units(g, act_nodes, in_branch, is_weight)
     in_branch = set().union(*[b.inner | {b.exit} for b in branches]) if branches else set()
     for n in act_nodes:
         ops = _act_operands(n)
