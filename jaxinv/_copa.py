@@ -550,7 +550,7 @@ def copa(
         if batch_size is not None and T is None and label.size != batch_size:
             raise ValueError(f"label has {label.size} entries but batch_size is {batch_size}")
     if T is None and ((label is not None and label.size > 1) or (batch_size or 1) > 1):
-        blocks = [st.layer.path for st in structure.stages if st.nodes.kind == "block"]
+        blocks = structure.blocks
         if blocks:
             raise ValueError(f"batch gradients are not supported on models with blocks ({', '.join(blocks)}) yet: "
                              "use jaxinv.attack('ig', ..., batch_size=B)")
@@ -568,7 +568,7 @@ def copa(
     opts = CopaOptions(rtol=rtol, atol=atol, max_steps=max_steps, forward_weight=forward_weight,
                        gradient_weight=gradient_weight, loss=loss)
     pb = as_pullback(pullback)
-    blocks = [st.layer.path for st in structure.stages if st.nodes.kind == "block"]
+    blocks = structure.blocks
     if pb is not None and blocks:
         raise ValueError(f"pullback is not supported on models with blocks ({', '.join(blocks)}): a block is solved "
                          "jointly by Levenberg-Marquardt, not by a linear system to refine; use pullback=False")

@@ -124,6 +124,11 @@ class _Structure:
     dtype: Any
 
     @property
+    def blocks(self) -> list[str]:
+        """Paths of the block stages (solved jointly; see :mod:`jaxinv._blocks`)."""
+        return [st.layer.path for st in self.stages if st.nodes.kind == "block"]
+
+    @property
     def layers(self) -> tuple[Layer, ...]:
         return tuple(s.layer for s in self.stages)
 

@@ -37,8 +37,8 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 
+from ._blocks import levenberg_marquardt
 from ._copa import CopaOptions, _bias_residual, _delta_of_logits, _down_jit, _fold_down, _report, _timed, _tols
 from ._gradient import loss_fn
 from ._model import Model, _Structure
@@ -74,32 +74,14 @@ def head_seg(model: Model, structure: _Structure, gleaves, mask, opts: CopaOptio
     dtype = target[0].dtype
     tiny = jnp.finfo(dtype).tiny
     w = tuple(1.0 / jnp.maximum(_norm(t), tiny) for t in target)
-    x_struct = jax.ShapeDtypeStruct(st.nodes.x_in.shape, dtype)
     rtol, atol = _tols(opts, dtype)
 
     def resid(x):
         return tuple(wi * (s - t) for wi, s, t in zip(w, shared(x), target))
 
-    def cost(x):
-        return _norm(resid(x))
-
-    def body(_, carry):  # Levenberg-Marquardt: min |J d + r|^2 + lam |d|^2, matrix-free (LSMR on [J; sqrt(lam) I])
-        x, c, lam, steps = carry
-        r, lin = jax.linearize(resid, x)
-        sq = jnp.sqrt(lam)
-        op = lx.FunctionLinearOperator(lambda d: (lin(d), sq * d), x_struct)
-        sol = lx.linear_solve(op, (tuple(-ri for ri in r), jnp.zeros(x_struct.shape, dtype)),
-                              lx.LSMR(rtol=rtol, atol=atol, max_steps=opts.max_steps), throw=False)
-        xn = x + sol.value
-        cn = cost(xn)
-        ok = jnp.isfinite(cn) & (cn < c)
-        return (jnp.where(ok, xn, x), jnp.where(ok, cn, c), jnp.where(ok, lam * 0.1, lam * 10.0),
-                steps + jnp.asarray(sol.stats.get("num_steps", 0), jnp.int32))
-
-    x0 = jnp.zeros(x_struct.shape, dtype)
     # lam starts at the scale of J^T J (its largest eigenvalue is ~1: both blocks are normalised)
-    x, c, _, steps = jax.lax.fori_loop(0, iters, body, (x0, cost(x0), jnp.asarray(1e-2, dtype),
-                                                          jnp.zeros((), jnp.int32)))
+    x, c, steps = levenberg_marquardt(resid, jnp.zeros(st.nodes.x_in.shape, dtype), rtol=rtol, atol=atol,
+                                      max_steps=opts.max_steps, iters=iters, lam0=1e-2)
     delta = _delta_of_logits(st, "cross_entropy", st.nodes.x_out.shape[-1])(st.affine(x, leaves), mask)
     sys = LayerSystem.build(st, leaves, delta)
     g = shared(x)

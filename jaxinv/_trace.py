@@ -7,7 +7,8 @@ inlined, giving a DAG of :class:`Node` s whose leaves are the model input, the p
     ``x_{l-1} --(affine in x, bilinear in (x, kernel), + bias)--> z_l --(element-wise activation)--> x_l``
 
 which is exactly the structure the layer-wise method needs; a branched region between two nodes every path goes
-through (a residual block, a skip connection) with weights inside becomes one *block* stage ``u -> z -> x``. Nothing about Flax is assumed: any model whose
+through (a residual block, a skip connection) with weights inside becomes one *block* stage ``u -> z -> x``, and so
+does a layer with the max pooling or normalisation after it. Nothing about Flax is assumed: any model whose
 computation has this structure is accepted, whichever library built it, and every operation that does not fit
 is reported with where it comes from.
 """

@@ -125,6 +125,74 @@ def test_groupnorm_model_is_inverted_and_the_metric_agrees():
     assert [l.deficiency for l in rep.layers] == [0, 0, 0] and rep.score > 60.0
 
 
+def test_max_pooling_is_read_with_its_layer_as_a_block_and_resnet_as_blocks():
+    m = Net("none", pool="max")
+    model = jaxinv.from_linen(m, m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))), input_shape=(16, 16, 3))
+    layers = model.layers()
+    assert [l.kind for l in layers] == ["block", "block", "dense"]
+    assert [l.path for l in layers[:2]] == ["Conv_0", "Conv_1"] and layers[0].out_shape == (7, 7, 6)
+    x = data.load_photo("coffee", size=16)[None]
+    np.testing.assert_allclose(model.apply_layers(x), model(x), rtol=1e-5, atol=1e-6)
+
+    def global_max(p, x):  # global max pooling before the head
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        return jnp.max(h, axis=(1, 2)) @ p["w"]
+
+    params = {"k": jax.random.normal(jax.random.key(1), (3, 3, 3, 5)),
+              "w": jax.random.normal(jax.random.key(2), (5, 4))}
+    model = jaxinv.from_fn(global_max, params, input_shape=(8, 8, 3))
+    assert [(l.kind, l.out_shape) for l in model.layers()] == [("block", (5,)), ("dense", (4,))]
+    module, variables = zoo.build("resnet8", key=jax.random.key(0), input_shape=(16, 16, 3))
+    model = jaxinv.from_linen(module, variables, input_shape=(16, 16, 3))
+    assert [l.kind for l in model.layers()] == ["conv", "block", "block", "block", "dense"]
+    # the second and third blocks have a projection shortcut: 3 kernels and 3 biases each
+    assert [len(l.params) for l in model.layers()] == [2, 4, 6, 6, 2]
+
+
+class Pool(nn.Module):
+    """conv -> ReLU -> 2x2 max pooling -> conv -> ReLU -> dense."""
+
+    c: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.max_pool(nn.relu(nn.Conv(self.c, (3, 3))(x)), (2, 2), (2, 2))
+        x = nn.relu(nn.Conv(self.c, (3, 3))(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("c", [4, 16])
+def test_max_pooling_block_metric_and_copa(c):
+    """Max pooling keeps one forward row per window: with 4 channels the pooled layer (768 unknowns, 256 forward
+    and 112 gradient rows) is underdetermined, as the metric says and the attack confirms; with 16 channels it is
+    determined at the truth (the argmax pattern fixed), and COPA, solving for the pattern from u = 0, gets part of
+    the way and says so in its report."""
+    m = Pool(c)
+    model = jaxinv.from_linen(m, m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))), input_shape=(16, 16, 3))
+    x = data.load_photo("coffee", size=16)[None]
+    rep = jaxinv.security(model, key=jax.random.key(1), probes=2)
+    b = rep.layers[0]
+    rec = jaxinv.copa(model, jaxinv.client_gradient(model, x, jnp.array([3])), label=3)
+    r = rec.layers[0]
+    converged = max(float(r.forward_residual), float(r.gradient_residual)) < 1e-2
+    assert int(r.status) == (0 if converged else 3)
+    if c == 4:
+        assert b.deficiency >= b.unknowns - b.forward_rows - b.gradient_rows > 0
+        assert "RESISTANT" in rep.verdict and psnr(rec.image, x) < 20.0
+    else:
+        assert b.deficiency == 0 and rep.score > 60.0
+        assert psnr(rec.image, x) > 18.0
+
+
+def test_resnet_norm_variants_build():
+    for norm in ("batch", "group"):
+        m = zoo.ResNet(norm=norm)
+        v = m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+        model = jaxinv.from_linen(m, v, input_shape=(16, 16, 3), strict=False)
+        assert model(jnp.zeros((1, 16, 16, 3))).shape == (1, 10)
+
+
 # ------------------------------------------------------------------------------------------------ residual blocks
 class Res(nn.Module):
     """conv -> tanh -> [x + conv(relu(conv x))] (or a concatenation, or a strided 1x1 projection) -> dense."""

@@ -297,7 +297,7 @@ def hybrid(
             raise ValueError(f"hybrid: box=(lo, hi) needs lo < hi, got {box!r}")
     pb = as_pullback(pullback)
     structure = model.structure(input_shape)
-    blocks = [st.layer.path for st in structure.stages if st.nodes.kind == "block"]
+    blocks = structure.blocks
     if blocks:
         raise ValueError(
             f"hybrid: model {model.name!r} has blocks ({', '.join(blocks)}), which jaxinv solves jointly by "
