@@ -231,7 +231,7 @@ def test_a_residual_block_is_one_stage_with_all_its_parameters():
     np.testing.assert_allclose(model.apply_layers(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("which", ["residual", "max_pool"])
+@pytest.mark.parametrize("which", ["residual", "max_pool", "group_norm"])
 def test_block_maps_against_the_dense_jacobians(which):
     """The security metric's block operator (linearisation at the input) against jax.jacfwd of the block."""
     from jaxinv._security import _Maps
@@ -239,7 +239,7 @@ def test_block_maps_against_the_dense_jacobians(which):
     if which == "residual":
         model, st = _res(size=6, post=True), 1
     else:
-        m = Pool(3)
+        m = Pool(3) if which == "max_pool" else GN()
         model, st = jaxinv.from_linen(m, m.init(jax.random.key(0), jnp.zeros((1, 6, 6, 2))), input_shape=(6, 6, 2)), 0
     st = model.structure().stages[st]
     assert st.nodes.kind == "block"
