@@ -35,11 +35,12 @@ def raising_factory():
 
 
 class PoolNet(nn.Module):
-    """LayerNorm: outside the layer-wise methods, fine for the optimisation attacks."""
+    """LayerNorm of the input, before any weight layer: outside the layer-wise methods, fine for the optimisation
+    attacks."""
 
     @nn.compact
     def __call__(self, x):
-        x = nn.tanh(nn.LayerNorm()(nn.Conv(4, (3, 3))(x)))
+        x = nn.tanh(nn.Conv(4, (3, 3))(nn.LayerNorm()(x)))
         return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
 

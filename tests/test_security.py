@@ -261,15 +261,15 @@ def test_report_fields_table_and_with_grads():
 def test_unsupported_layer_propagates():
     import flax.linen as nn
 
-    class Pooled(nn.Module):
+    class Normed(nn.Module):  # the input normalised before the first weight layer
         @nn.compact
         def __call__(self, x):
-            x = nn.Conv(4, (3, 3), padding="VALID")(x)
-            x = jnp.tanh(nn.LayerNorm()(x))
+            x = nn.Conv(4, (3, 3), padding="VALID")(nn.LayerNorm()(x))
+            x = jnp.tanh(x)
             return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
-    variables = Pooled().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-    model = jaxinv.from_linen(Pooled(), variables, strict=False)
+    variables = Normed().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    model = jaxinv.from_linen(Normed(), variables, strict=False)
     with pytest.raises(UnsupportedModelError, match="normalisation by statistics of the data"):
         S.security(model, input_shape=(8, 8, 1), key=jax.random.key(0))
 
