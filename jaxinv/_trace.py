@@ -346,6 +346,8 @@ def _attached_units(g: Graph, act_nodes: list[Node], in_branch: set, is_weight) 
         before = [w for w in weights if w in anc]
         if before:
             w = max(before, key=order.get)
+            if _between(_act_operands(w)[0], p) & in_branch:
+                continue  # a residual block lies between: not attached (reported as unsupported)
             if w not in groups or order[p] > order[groups[w]]:
                 groups[w] = p
     return [_Branch(_act_operands(w)[0], p, _between(_act_operands(w)[0], p) - {_act_operands(w)[0], p})
