@@ -117,7 +117,9 @@ def main(argv=None):
         def m(k):
             v = [r[k] for r in rs if k in r]
             return f"{np.mean(v):.1f}" if v else "n/a"
-        lines.append(f"| {name} | {rs[0]['task']} | {', '.join(r['photo'] for r in rs)} | {m('copa_psnr')} | {m('copa_seconds')} | {m('copa_iterations')} | "
+        photos = ", ".join(r["photo"] for r in rs)
+        lines.append(f"| {name} | {rs[0]['task']} | {photos} | {m('copa_psnr')} | {m('copa_seconds')} | "
+                     f"{m('copa_iterations')} | "
                      f"{m('ig_equal_psnr')} | {m('ig_psnr')} | {m('ig_seconds')} | "
                      f"{'%.0f' % sec['score'] if sec else 'n/a (not layer-wise readable)'} |")
     with open(os.path.join(OUT, "modern.md"), "w") as f:

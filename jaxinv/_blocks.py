@@ -1,10 +1,11 @@
-r"""Blocks: residual blocks, skip connections and max pooling, inverted as a whole.
+r"""Blocks: residual blocks, skip connections, max pooling and normalisation, inverted as a whole.
 
 A *block* stage (:mod:`jaxinv._trace`) is the sub-network between two points every path of the model goes
 through: a residual block :math:`v = u + F(u)` (or :math:`v = Pu + F(u)` with a projection shortcut), a U-Net
 skip joined by a concatenation :math:`v = [u;\, D(E(u))]`; or a layer followed by max pooling,
 :math:`v = \mathrm{maxpool}(\sigma(Wu + b))` (which unit of each window passes is the argmax of values that are
-themselves unknown). Its map :math:`f(u; \theta)` is nonlinear in its input :math:`u` (the ReLUs inside
+themselves unknown) or by a normalisation by the data's statistics (GroupNorm, LayerNorm, BatchNorm in training
+form). Its map :math:`f(u; \theta)` is nonlinear in its input :math:`u` (the ReLUs inside
 :math:`F`, the pooling's argmax), so the layer-wise recursion cannot take one linear solve per
 weight; instead the block's two constraints are solved jointly for :math:`u`, the same pair as a layer's:
 

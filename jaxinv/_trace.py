@@ -340,18 +340,20 @@ def _attached_units(g: Graph, act_nodes: list[Node], in_branch: set, is_weight) 
         inner = _between(a, b) - {a, b}
         if inner and not inner & in_branch and any(n.name not in ELEMENTWISE for n in inner | {b}):
             spots.append(b)  # a weightless branched region that mixes units (normalisation)
-    groups: dict = {}
+    groups: dict = {}  # weight -> (its input, the last spot after it, the region between)
     for p in spots:
         anc = _ancestors(p)
         before = [w for w in weights if w in anc]
-        if before:
-            w = max(before, key=order.get)
-            if _between(_act_operands(w)[0], p) & in_branch:
-                continue  # a residual block lies between: not attached (reported as unsupported)
-            if w not in groups or order[p] > order[groups[w]]:
-                groups[w] = p
-    return [_Branch(_act_operands(w)[0], p, _between(_act_operands(w)[0], p) - {_act_operands(w)[0], p})
-            for w, p in groups.items()]
+        if not before:
+            continue  # before the first weight layer: reported as unsupported
+        w = max(before, key=order.get)
+        entry = _act_operands(w)[0]
+        region = _between(entry, p)
+        if region & in_branch:
+            continue  # a residual block lies between: not attached (reported as unsupported)
+        if w not in groups or order[p] > order[groups[w][1]]:
+            groups[w] = (entry, p, region - {entry, p})
+    return [_Branch(*v) for v in groups.values()]
 
 
 def _stage_leaves(region: set) -> tuple[int, ...]:
