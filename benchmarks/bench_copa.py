@@ -110,8 +110,8 @@ def dense_vs_matrix_free(names):
 
     import jaxinv
     from jaxinv import data
-    from jaxinv._copa import CopaOptions, _solve_layer
-    from jaxinv._operators import LayerSystem
+    from jaxinv.engine._copa import CopaOptions, _solve_layer
+    from jaxinv._maps import LayerSystem
 
     out = []
     jax.config.update("jax_enable_x64", False)

@@ -46,7 +46,7 @@ import numpy as np
 
 import jaxinv
 from jaxinv import data, metrics, zoo
-from jaxinv._constraints import Pullback
+from jaxinv.engine._refine import Pullback
 from jaxinv.attacks._hybrid import hybrid
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -214,8 +214,8 @@ def _layer_psnr(a, b):
 
 def oracle_layers(model, x, label, loss, gleaves):
     """Per layer below the head: is the system with only the active rows determined (exact data, LSQ)?"""
-    from jaxinv._copa import CopaOptions, _solve_layer
-    from jaxinv._operators import LayerSystem
+    from jaxinv.engine._copa import CopaOptions, _solve_layer
+    from jaxinv._maps import LayerSystem
 
     stages = model.structure().stages
     leaves = jax.tree_util.tree_leaves(model.params)
@@ -241,7 +241,7 @@ def oracle_layers(model, x, label, loss, gleaves):
 
 def chain(model, grads, labels, pullback):
     """COPA's fold over a stack of targets, keeping every layer's recovered input."""
-    from jaxinv._copa import CopaOptions, _down_jit, _head_jit
+    from jaxinv.engine._copa import CopaOptions, _down_jit, _head_jit
 
     st = model.structure()
     gleaves = jax.tree_util.tree_leaves(grads)

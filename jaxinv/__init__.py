@@ -5,17 +5,18 @@ __version__ = "0.1.0"
 
 from . import attacks, defences
 from ._activations import Activation
-from ._audit import AttackResult, AuditResult, LeakingLayer, audit
-from ._constraints import Pullback
-from ._copa import HeadNotInvertibleError, copa
+from .audit._audit import AttackResult, AuditResult, LeakingLayer, audit
+from .engine._refine import Pullback
+from .engine._copa import copa
 from ._fedavg import local_update, update_as_gradient
-from ._gradient import client_gradient, num_labels, recover_label
+from ._gradient import client_gradient, num_labels
+from ._labels import HeadNotInvertibleError, recover_label, recover_labels
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
-from ._security import LayerSecurity, SecurityReport, security
+from .security._security import LayerSecurity, SecurityReport, security
 from ._sharding import shard_targets, target_mesh
-from ._sweep import sweep
-from .attacks import ATTACKS, attack, recover_labels
+from .audit._sweep import sweep
+from .attacks import ATTACKS, attack
 
 __all__ = [
     "ATTACKS",

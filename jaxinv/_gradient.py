@@ -20,7 +20,7 @@ from ._model import Model, param_paths
 LOSSES = ("cross_entropy", "logistic", "auto")
 
 
-def _resolve_loss(loss: str, num_outputs: int) -> str:
+def resolve_loss(loss: str, num_outputs: int) -> str:
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
     if loss == "auto":
@@ -45,7 +45,7 @@ def loss_fn(loss: str, num_outputs: int) -> Callable[[Array, Array], Array]:
     a single logit with labels in ``{0, 1}`` (R-GAP's setting). ``auto`` picks ``logistic`` for one output,
     ``cross_entropy`` otherwise.
     """
-    kind = _resolve_loss(loss, num_outputs)
+    kind = resolve_loss(loss, num_outputs)
 
     def ce(logits, y):
         logits = logits.reshape((logits.shape[0], -1) if y.ndim <= 1 else tuple(y.shape) + (-1,))
@@ -58,7 +58,7 @@ def loss_fn(loss: str, num_outputs: int) -> Callable[[Array, Array], Array]:
     return ce if kind == "cross_entropy" else logistic
 
 
-def _label_shape(out_shape) -> tuple[int, ...]:
+def label_shape(out_shape) -> tuple[int, ...]:
     """Shape of one example's label from the model's output shape per example: ``()`` for a classifier, the
     spatial shape ``(H, W)`` for a segmentation model (logits ``(H, W, K)``: one class per pixel, a mask)."""
     out = tuple(int(s) for s in out_shape)
@@ -69,7 +69,7 @@ def num_labels(model: Model, input_shape=None) -> int:
     """Number of valid label values: classes for cross-entropy (per pixel for segmentation), 2 for a single
     logistic output."""
     out = model.output_shape(input_shape)
-    k = int(out[-1]) if _label_shape(out) else int(np.prod(out))
+    k = int(out[-1]) if label_shape(out) else int(np.prod(out))
     return 2 if k == 1 else k
 
 
@@ -116,7 +116,7 @@ def client_gradient(
     y = jnp.asarray(y)
     out = tuple(jax.eval_shape(model.apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[1:]) \
         if x.ndim >= 2 else ()
-    lshape = _label_shape(out)
+    lshape = label_shape(out)
     if y.ndim == len(lshape):
         y = y[None]
     if x.ndim < 2 or x.shape[0] != y.shape[0] or tuple(y.shape[1:]) != lshape:
@@ -182,20 +182,3 @@ def validate_grads(model: Model, grads: PyTree, *, allow_batch: bool = True) -> 
                 "gradient overflowed or was corrupted; recompute it (float32 overflow? lower the learning rate)"
             )
     return [jnp.asarray(g) for g in gl], (batch or None)
-
-
-def recover_label(model: Model, grads: PyTree, *, input_shape=None) -> Int[Array, ""]:
-    r"""The label a single-image gradient reveals (iDLG).
-
-    With cross-entropy, :math:`\partial\ell/\partial z_L = \mathrm{softmax}(z_L) - e_y` has exactly one negative
-    entry, at the label. The head's bias gradient equals it; without a bias, the head's kernel gradient
-    :math:`\delta_L x_{L-1}^\top` is rank one and its left singular vector has the same sign pattern up to a
-    global sign: the label is the entry whose sign differs from the others. For a single logistic output the
-    sign of :math:`\sigma(z) - y` gives the label.
-    """
-    from ._copa import _label_from_delta, head_delta_direction  # local: avoids an import cycle
-
-    structure = model.structure(input_shape)
-    leaves, _ = validate_grads(model, grads, allow_batch=False)
-    d, exact = head_delta_direction(structure, leaves)
-    return _label_from_delta(d.reshape(-1), exact=exact)

@@ -95,7 +95,7 @@ class Layer:
 
 
 @dataclasses.dataclass(eq=False)
-class _Stage:
+class Stage:
     """Executable pieces of one layer (hashable by identity: static in jit)."""
 
     nodes: _trace.StageNodes
@@ -118,14 +118,14 @@ class _Stage:
 
 
 @dataclasses.dataclass(eq=False)
-class _Structure:
-    stages: tuple[_Stage, ...]
+class Structure:
+    stages: tuple[Stage, ...]
     input_shape: tuple[int, ...]
     dtype: Any
 
     @property
     def blocks(self) -> list[str]:
-        """Paths of the block stages (solved jointly; see :mod:`jaxinv._blocks`)."""
+        """Paths of the block stages (solved jointly; see :mod:`jaxinv.engine._block`)."""
         return [st.layer.path for st in self.stages if st.nodes.kind == "block"]
 
     @property
@@ -222,7 +222,7 @@ class Model(eqx.Module):
             pass
         return shape
 
-    def structure(self, input_shape=None) -> _Structure:
+    def structure(self, input_shape=None) -> Structure:
         shape = self.resolve_input_shape(input_shape)
         if shape not in self._cache.structures:
             self._cache.structures[shape] = _analyse(self, shape)
@@ -320,7 +320,7 @@ def _format_unsupported(model: Model, problems) -> str:
     return "\n".join(lines)
 
 
-def _analyse(model: Model, input_shape: tuple[int, ...]) -> _Structure:
+def _analyse(model: Model, input_shape: tuple[int, ...]) -> Structure:
     dtype = model.dtype
     x0 = jnp.zeros((1,) + input_shape, dtype)
     try:
@@ -349,7 +349,7 @@ def _analyse(model: Model, input_shape: tuple[int, ...]) -> _Structure:
             continue
         read = tuple((paths[k], tuple(graph.params[k].shape)) for k in sn.leaves)
         if sn.kind == "block":
-            stages.append(_Stage(sn, graph.params, Layer(
+            stages.append(Stage(sn, graph.params, Layer(
                 index=i, path=name, kind="block", in_shape=tuple(sn.x_in.shape[1:]), out_shape=tuple(sn.z.shape[1:]),
                 kernel_shape=(), bias_path=None, activation=str(act), params=read), act))
             continue
@@ -365,14 +365,14 @@ def _analyse(model: Model, input_shape: tuple[int, ...]) -> _Structure:
             dilation=tuple(w.params["rhs_dilation"]) if conv else None,
             groups=int(w.params["feature_group_count"]) if conv else None, params=read,
         )
-        stages.append(_Stage(sn, graph.params, layer, act))
+        stages.append(Stage(sn, graph.params, layer, act))
     if problems:
         raise UnsupportedModelError(_format_unsupported(model, problems))
     if sum(int(np.prod(s.nodes.x_in.shape)) == 0 for s in stages):
         raise ValueError(f"model {model.name!r} has an empty layer input")
     if stages[0].nodes.x_in.shape[0] != 1:
         raise UnsupportedModelError(f"model {model.name!r}: the first layer does not act per example")
-    structure = _Structure(tuple(stages), input_shape, dtype)
+    structure = Structure(tuple(stages), input_shape, dtype)
     _verify(model, structure)
     return structure
 
@@ -393,7 +393,7 @@ def _block_path(paths: list[str], index: int) -> str:
     return f"block[{','.join(modules)}]" if modules else f"block_{index}"
 
 
-def _verify(model: Model, structure: _Structure):
+def _verify(model: Model, structure: Structure):
     """The layers as read must reproduce the user's function (else the reading is wrong: refuse it)."""
     x = jax.random.uniform(jax.random.PRNGKey(0), (1,) + structure.input_shape, structure.dtype)
 

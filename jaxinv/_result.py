@@ -13,14 +13,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-# Status codes of one layer's solve (`LayerReport.status`). 0 is success; the others say what to do.
-STATUS_MESSAGES: dict[int, str] = {
-    0: "ok",
-    1: "solver reached max_steps before the tolerance: raise `max_steps` or use float64",
-    2: "solver broke down (ill-conditioned system): use float64 or a hybrid/optimisation attack",
-    3: "the layer's system is inconsistent (large residual): the gradient may be noisy, defended or from a batch",
-    4: "non-finite values in the solution: the gradient or the layer above is degenerate",
-}
+from ._results import RESULTS, STATUS_MESSAGES
+
 
 
 class LayerReport(eqx.Module):
@@ -39,7 +33,7 @@ class LayerReport(eqx.Module):
         clipped: number of values of ``x_l`` that lay outside the activation's image and were clipped before
             the inverse (e.g. ``|x| >= 1`` before ``artanh``). Non-zero means the layer above was inexact.
         steps: solver iterations.
-        status: 0 if the solve succeeded, else a code of :data:`STATUS_MESSAGES`.
+        status: ``RESULTS.successful`` (0) if the solve succeeded, else another :class:`jaxinv.RESULTS` code.
         seconds: wall time of this layer (NaN when called under an outer `jit`/`vmap`).
         refine_steps: optimiser iterations of the refinement after the least-squares solve (COPA's pull-back,
             the hybrid's gradient matching); ``None`` when the layer was not refined.
@@ -68,7 +62,8 @@ class LayerReport(eqx.Module):
     @property
     def message(self) -> str:
         """Human-readable status (for a single, non-batched report)."""
-        return STATUS_MESSAGES.get(int(self.status), f"unknown status {int(self.status)}")
+        code = int(self.status)
+        return RESULTS(code).message if code in STATUS_MESSAGES else f"unknown status {code}"
 
     def summary(self) -> dict:
         """A JSON-friendly dict of this report (for one target: arrays must be scalars)."""

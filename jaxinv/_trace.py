@@ -331,7 +331,7 @@ def _attached_units(g: Graph, act_nodes: list[Node], in_branch: set, is_weight) 
     normalisation by the data's own statistics (LayerNorm, GroupNorm, BatchNorm in training form: a branched
     region without weights, whose branches meet after a reduction) are not element-wise, so the layer before them
     cannot be inverted by one linear solve; as a block ``u -> N(act(W u + b))``, its input solves the layer's
-    forward and gradient constraints through them (:mod:`jaxinv._blocks`)."""
+    forward and gradient constraints through them (:mod:`jaxinv.engine._block`)."""
     order = {n: k for k, n in enumerate(g.nodes)}
     weights = [n for n in act_nodes if is_weight(n) and n not in in_branch]
     spots = [n for n in act_nodes if n.name in MAX_POOL and n not in in_branch]

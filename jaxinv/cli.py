@@ -11,7 +11,7 @@
 ``MODEL`` is a zoo name or ``package.module:factory``: an importable callable, called with
 ``key=jax.random.key(seed)`` if it has a ``key`` parameter, returning a :class:`jaxinv.Model`, ``(linen module,
 variables)`` (then ``--input-shape`` is required) or ``(linen module, variables, input_shape)``; the model takes
-NHWC images in ``[0, 1]`` (see :mod:`jaxinv._targets`).
+NHWC images in ``[0, 1]`` (see :mod:`jaxinv.audit._targets`).
 
 Progress goes to stderr, only when stderr is a terminal and ``CI`` is not set.
 
@@ -275,7 +275,7 @@ def _load_model(target: str, shape, seed: int, x64: bool):
     import jax
 
     from ._model import Model
-    from ._targets import load_target
+    from .audit._targets import load_target
 
     try:
         model, shape = load_target(target, shape, seed)
@@ -360,7 +360,7 @@ def _audit(argv) -> int:
     args = ap.parse_args(argv)
 
     import jaxinv
-    from ._audit import step_options
+    from .audit._audit import step_options
 
     attacks = tuple(dict.fromkeys(a.strip() for a in args.attacks.split(",") if a.strip()))
     bad = [a for a in attacks if a not in jaxinv.ATTACKS]
@@ -413,7 +413,7 @@ def _attack(argv) -> int:
 
     import jaxinv
     from . import report
-    from ._audit import AUDIT_DEFAULTS, _jsonable, _param_dtype, run_attack, stacked_gradients, step_options
+    from .audit._audit import AUDIT_DEFAULTS, _jsonable, _param_dtype, run_attack, stacked_gradients, step_options
 
     if args.name not in jaxinv.ATTACKS:
         raise _BadInput(f"NAME: unknown attack {args.name!r}; the registered attacks are: {', '.join(jaxinv.ATTACKS)}")
@@ -498,7 +498,7 @@ def _sweep(argv) -> int:
 
     import jaxinv
 
-    from ._audit import step_options
+    from .audit._audit import step_options
 
     if args.n < 1:
         raise _BadInput(f"--n must be a positive integer, got {args.n}")
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, os.getcwd())  # as under `python -m jaxinv` (the console script does not add it)
     commands = dict(COMMANDS)
     try:
-        from ._security import score_main
+        from .security._security import score_main
 
         commands["score"] = score_main
     except ImportError:  # pragma: no cover

@@ -93,9 +93,9 @@ class AuditStrategy(Strategy):
                  attacks: Sequence[str] = ("copa",), attack_options: dict[str, dict] | None = None,
                  truth: Callable[[int, str, dict], Any] | None = None,
                  client_id: Callable[[Any, Any], str] | None = None, security: bool = True):
-        from ._audit import _check_attacks
+        from .audit._audit import _check_attacks
         from ._fedavg import _check_steps_lr
-        from ._security import _check_key
+        from .security._security import _check_key
         from .attacks._registry import check_options
 
         if not isinstance(strategy, Strategy):
@@ -152,9 +152,9 @@ class AuditStrategy(Strategy):
     def audit_round(self, server_round: int, results: Sequence[tuple[Any, Any]]) -> dict:
         """Attack every client's result of this round and write the round's report (also in :attr:`reports`)."""
         from . import report as _report
-        from ._audit import _jsonable, _layer_residuals, _metrics
+        from .audit._audit import _jsonable, _layer_residuals, _metrics
         from ._fedavg import update_as_gradient
-        from ._security import security
+        from .security._security import security
         from .attacks._registry import attack
 
         t0 = time.perf_counter()

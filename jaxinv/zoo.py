@@ -588,7 +588,7 @@ class FCNSeg(nn.Module):
     map at ``1/2**len(channels)`` resolution, a 1x1 convolution with bias to ``num_classes`` scores, and a fixed
     bilinear upsampling (``jax.image.resize``) back to the input size: logits ``(B, H, W, K)``, trained with
     per-pixel cross-entropy against a mask ``(B, H, W)``. The default (32x32 input, score map 2x2) has a
-    *determined head* when at least 4 classes are present in the mask (:mod:`jaxinv._seg`).
+    *determined head* when at least 4 classes are present in the mask (:mod:`jaxinv.engine._seg`).
     """
 
     channels: tuple[int, ...] = (32, 128, 128, 64)

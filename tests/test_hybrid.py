@@ -77,7 +77,7 @@ def test_matching_targets_are_the_shared_gradient(case):
 def test_inner_loop_is_compiled(case):
     """Each layer's matching is one lax.while_loop: the traced program does not grow with max_steps."""
     model, _, g = case
-    from jaxinv._copa import CopaOptions, _head_step
+    from jaxinv.engine._copa import CopaOptions, _head_step
     from jaxinv.attacks._hybrid import _hybrid_down, _HybridOptions
 
     st = model.structure()

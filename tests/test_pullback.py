@@ -9,9 +9,9 @@ from conftest import photo, psnr
 
 import jaxinv
 from jaxinv import zoo
-from jaxinv._constraints import (Pullback, Term, adam_refine, compose, layer_system, pullback_layer,
+from jaxinv.engine._refine import (Pullback, Term, adam_refine, compose, layer_system, pullback_layer,
                                  relu_inactive)
-from jaxinv._operators import LayerSystem
+from jaxinv._maps import LayerSystem
 
 FAST = Pullback(steps=300)
 
@@ -58,7 +58,7 @@ def test_box_and_activation_image_hold_at_the_end():
     for r in rec.layers[:-1]:
         assert int(r.clipped) == 0
     # the refined hidden solution itself, through the engine's step
-    from jaxinv._copa import CopaOptions, _down_step, _head_step
+    from jaxinv.engine._copa import CopaOptions, _down_step, _head_step
 
     st = model.structure()
     gl = jax.tree_util.tree_leaves(g)
@@ -142,7 +142,7 @@ def test_relu_inequality_rows():
     assert float(term.penalty({"x": -h0})) > 0.0
     # end to end: from a start that violates them, the refinement enforces the inactive units' inequalities
     gW = gl[stages[1].nodes.kernel_leaf]
-    from jaxinv._copa import CopaOptions, _solve_layer
+    from jaxinv.engine._copa import CopaOptions, _solve_layer
 
     x_lsq = _solve_layer(sys, x1, gW, CopaOptions(), mask=mask)[0]
     start = x_lsq + 0.2 * jax.random.normal(jax.random.PRNGKey(0), x_lsq.shape)

@@ -14,7 +14,7 @@ from jaxinv import _security as S
 from jaxinv import zoo
 from jaxinv._gradient import loss_fn
 from jaxinv._model import UnsupportedModelError
-from jaxinv._operators import LayerSystem
+from jaxinv._maps import LayerSystem
 
 
 def _tiny(convs=((4, 3, 1, 0),), acts=("tanh", "identity"), shape=(8, 8, 2), classes=3, seed=0, **kw):

@@ -1,5 +1,5 @@
 """Segmentation models: mask labels, the per-pixel loss, the head of a dense-prediction network, and the zoo's
-FCN / U-Net (jaxinv._seg)."""
+FCN / U-Net (jaxinv.engine._seg)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 
 import jaxinv
 from jaxinv import data, zoo
-from jaxinv._operators import LayerSystem
+from jaxinv._maps import LayerSystem
 from conftest import psnr
 
 

@@ -15,7 +15,8 @@ Every attack returns a :class:`jaxinv.Reconstruction`. The optimisation attacks 
 and on batch gradients (option ``batch_size``); each runs as one compiled loop.
 """
 
-from ._dlg import dlg, idlg, recover_labels
+from .._labels import recover_labels
+from ._dlg import dlg, idlg
 from ._ig import ig, multistep_schedule
 from ._objectives import (
     candidate_gradient,

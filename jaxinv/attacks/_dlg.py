@@ -30,125 +30,14 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
-from .._gradient import recover_label, validate_grads
+from .._gradient import validate_grads
+from .._labels import recover_label, recover_labels
 from .._model import Model, UnsupportedModelError
-from .._operators import _with_leaf
+from .._maps import with_leaf
 from .._result import Reconstruction
 from . import _objectives as obj
 
 # ------------------------------------------------------------------------------------------------------- labels
-
-
-def _head_signal(model: Model, grads: PyTree, input_shape) -> tuple[Array, bool]:
-    """The per-class signal of the head: its bias gradient (exact), or its kernel gradient's row sums."""
-    from .._copa import head_delta_direction  # local: _copa imports much of the package
-
-    try:
-        structure = model.structure(input_shape)
-    except UnsupportedModelError as e:
-        raise ValueError(
-            f"recovering the label needs the layers of model {model.name!r} (the head's gradient), which jaxinv "
-            f"cannot read: pass label= to the attack. Reason:\n{e}"
-        ) from None
-    gleaves, _ = validate_grads(model, grads, allow_batch=False)
-    st = structure.stages[-1]
-    if st.nodes.kind == "block":
-        raise ValueError(f"the last stage {st.layer.path!r} of model {model.name!r} is a block (branches joined at "
-                         "the logits): its gradient does not give the output error; pass label= to the attack")
-    if st.nodes.bias_leaf >= 0:
-        d, _ = head_delta_direction(structure, gleaves)
-        return d.reshape(-1), True
-    # No bias: sum_j gW[j, c] = <gW, B(1; e_c)> = (1/B) sum_k (p_kc - y_kc) * sum_j h_kj, sign-faithful when the
-    # head's inputs h are non-negative (ReLU, sigmoid features).
-    leaves = jax.tree_util.tree_leaves(model.params)
-    k = st.nodes.kernel_leaf
-    ones = jnp.ones(st.nodes.x_in.shape, leaves[k].dtype)
-    n_out = st.layer.forward_rows
-    eye = jnp.eye(n_out, dtype=leaves[k].dtype).reshape((n_out,) + tuple(st.nodes.z.shape))
-
-    def row(e):
-        _, pull = jax.vjp(lambda w: st.affine(ones, _with_leaf(leaves, k, w)), leaves[k])
-        return jnp.vdot(pull(e)[0], gleaves[k])
-
-    return jax.vmap(row)(eye), False
-
-
-def recover_labels(
-    model: Model, grads: PyTree, batch_size: int, *, input_shape: tuple[int, ...] | None = None
-) -> Int[Array, " B"]:
-    r"""The labels of a batch gradient, from the head's gradient (count rule of LLG, Wainakh et al. 2022).
-
-    With softmax cross-entropy averaged over a batch of :math:`B` examples, the head's bias gradient is
-
-    .. math:: g_{b,c} = \frac1B \sum_{k=1}^B (p_{kc} - y_{kc}) = P_c - \frac{n_c}{B},
-        \qquad P_c = \frac1B\sum_k p_{kc} \ge 0,
-
-    with :math:`n_c` the number of examples of class :math:`c`. Hence (Yin et al. 2021; Wainakh et al. 2022):
-
-    1. **presence**: a class with :math:`g_{b,c} < 0` is in the batch (it needs :math:`P_c < n_c / B`, true unless
-       the model already predicts that class with high confidence);
-    2. **count**: the mean *impact* :math:`\hat m` = mean of the non-negative entries estimates :math:`P_c`
-       (absent classes have :math:`g_{b,c} = P_c`), so :math:`\hat n_c = B(\hat m - g_{b,c})`;
-    3. **allocation**: every present class gets one label (most negative first, at most :math:`B`), the remaining
-       :math:`B - \#\text{present}` go one by one to the class with the largest residual
-       :math:`\hat n_c - \text{count}_c`.
-
-    Assumptions: softmax cross-entropy with a mean over the batch (as :func:`jaxinv.client_gradient`); a head with
-    a bias (without one, the row sums of the head's kernel gradient are used, which also needs non-negative head
-    inputs, e.g. ReLU/sigmoid features); predicted probabilities of a class that vary little across the batch
-    (untrained or early models, where label leakage is strongest). Counts are exact when
-    :math:`p_{kc} \approx P_c`; the presence rule is more robust than the counts. For ``batch_size=1`` this is the
-    iDLG rule (:func:`jaxinv.recover_label`).
-
-    Args:
-        model: the model.
-        grads: one batch gradient (pytree shaped like ``model.params``).
-        batch_size: :math:`B`, the number of images behind the gradient.
-        input_shape: one input's shape (default: the model's).
-
-    Returns:
-        ``(B,)`` int32 labels in ascending order (a batch gradient does not reveal which image has which label).
-
-    Raises:
-        ValueError: a single-output model with ``batch_size > 1`` (the count of positives needs the unknown mean
-            prediction: pass ``label=``) or without a head bias (no sign to read), or a head whose bias is shared
-            over positions.
-
-    Example:
-        >>> grads = jaxinv.client_gradient(model, images[:4], jnp.array([3, 1, 7, 1]))
-        >>> jaxinv.recover_labels(model, grads, 4)   # -> [1, 1, 3, 7]
-    """
-    batch_size = obj.check_int(batch_size, "batch_size", "recover_labels")
-    d, exact = _head_signal(model, grads, input_shape)
-    K = d.shape[0]
-    if K == 1 and not exact:
-        raise ValueError(
-            "recover_labels: the head has one output and no bias, so the sign of its gradient does not give the "
-            "label (the kernel gradient's sign depends on the unknown head input); pass label= (0 or 1)"
-        )
-    if batch_size == 1:
-        return recover_label(model, grads, input_shape=input_shape).reshape(1)
-    if K == 1:
-        raise ValueError(
-            "recover_labels: a single-output (logistic) model's gradient gives the number of positives only "
-            "relative to its unknown mean prediction; pass the labels (label=...) for batches"
-        )
-    B = batch_size
-    neg = d < 0
-    nonneg = ~neg
-    m_hat = jnp.sum(jnp.where(nonneg, d, 0.0)) / jnp.maximum(jnp.sum(nonneg), 1)
-    scale = jnp.maximum(jnp.max(jnp.abs(d)), jnp.finfo(d.dtype).tiny)
-    est = B * (m_hat - d)
-
-    def body(i, carry):
-        counts, labels = carry
-        first = neg & (counts == 0)
-        prio = jnp.where(first, 1e6 - d / scale, est - counts)
-        c = jnp.argmax(prio)
-        return counts.at[c].add(1), labels.at[i].set(c)
-
-    _, labels = jax.lax.fori_loop(0, B, body, (jnp.zeros((K,), jnp.int32), jnp.zeros((B,), jnp.int32)))
-    return jnp.sort(labels).astype(jnp.int32)
 
 
 def _labels_for(model, grads, problem: obj.Problem, input_shape) -> Array:

@@ -51,13 +51,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
-from .._constraints import (Pullback, RefineResult, activation_box, adam_refine, as_pullback, balance_weights,
+from ..engine._refine import (Pullback, RefineResult, activation_box, adam_refine, as_pullback, balance_weights,
                             box_projection, layer_system, rms_scale)
-from .._copa import (CopaOptions, _down_step, _gradient_distance, _head_jit, _is_traced, _residuals, _solve_layer,
+from ..engine._copa import (CopaOptions, _down_step, _gradient_distance, _head_jit, _is_traced, _residuals, _solve_layer,
                      _timed, relu_active)
 from .._gradient import check_labels, loss_fn, validate_grads
-from .._model import Model, _Structure
-from .._operators import LayerSystem, _norm
+from .._model import Model, Structure
+from .._maps import LayerSystem, norm
 from .._result import Reconstruction
 from . import _objectives as obj
 
@@ -79,7 +79,7 @@ def _lsq_of(sys: LayerSystem, z, gW, mask, opts: CopaOptions):
     return _solve_layer(sys, z, gW, opts, mask=mask)[0]
 
 
-def _suffix_leaves(structure: _Structure, l: int) -> list[int]:
+def _suffix_leaves(structure: Structure, l: int) -> list[int]:
     """Parameter leaves (kernels and biases) of layers ``l..L``."""
     idx = []
     for st in structure.stages[l:]:
@@ -89,7 +89,7 @@ def _suffix_leaves(structure: _Structure, l: int) -> list[int]:
     return idx
 
 
-def suffix_gradient(structure: _Structure, leaves, l: int, x, label, lf) -> list[Array]:
+def suffix_gradient(structure: Structure, leaves, l: int, x, label, lf) -> list[Array]:
     r"""The gradient :math:`\nabla_{\theta_{l..L}}\,\ell(f_{l..L}(x), y)` that a candidate input ``x`` of layer
     ``l`` produces on the kernels and biases of layers ``l..L`` (differentiable in ``x``)."""
     idx = _suffix_leaves(structure, l)
@@ -118,10 +118,10 @@ def null_fraction(sys: LayerSystem, mask, opts: CopaOptions):
     v = v.reshape(sys.x_struct.shape)
     p, _, _, steps, _ = _solve_layer(sys, sys.forward(v) + sys.forward_offset, sys.gradient(v) + sys.gradient_offset,
                                      opts, mask=mask)
-    return _norm(v - p) / _norm(v), steps
+    return norm(v - p) / norm(v), steps
 
 
-def _hybrid_down(model: Model, structure: _Structure, l: int, gleaves, label, x_l, gx_l, exact_above,
+def _hybrid_down(model: Model, structure: Structure, l: int, gleaves, label, x_l, gx_l, exact_above,
                  opts: CopaOptions, ho: _HybridOptions, pb: Pullback | None):
     """Layer ``l``: least squares (and pull-back), then gradient matching.
 

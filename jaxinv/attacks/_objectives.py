@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from .._gradient import _label_shape, _resolve_loss, check_labels, validate_grads
+from .._gradient import label_shape, resolve_loss, check_labels, validate_grads
 from .._model import Model
 
 # ------------------------------------------------------------------------------------------------ the objectives
@@ -349,11 +349,11 @@ def prepare(
     shape = model.resolve_input_shape(input_shape)
     gleaves, T = validate_grads(model, grads)
     out = model.output_shape(shape)
-    lshape = _label_shape(out)
+    lshape = label_shape(out)
     if lshape:
         return _prepare_masks(model, gleaves, T, label, shape, out, lshape, key, batch_size, loss, attack)
     k = int(np.prod(out))
-    _resolve_loss(loss, k)  # raises on a loss that does not fit the model
+    resolve_loss(loss, k)  # raises on a loss that does not fit the model
     n_lab = 2 if k == 1 else k
     if label is not None:
         label = check_labels(jnp.asarray(label), n_lab)

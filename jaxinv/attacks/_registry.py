@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
-from .._copa import copa
+from ..engine._copa import copa
 from .._model import Model
 from .._result import Reconstruction
 from ._dlg import dlg, idlg

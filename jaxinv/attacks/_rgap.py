@@ -34,7 +34,7 @@ from typing import Any
 
 from jaxtyping import Array, Int, PyTree
 
-from .._copa import copa
+from ..engine._copa import copa
 from .._model import Model
 from .._result import Reconstruction
 

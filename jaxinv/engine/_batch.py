@@ -29,13 +29,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._copa import (CopaOptions, HeadNotInvertibleError, _bias_residual, _delta_of_logits, _report, _solve_layer,
+from .._labels import HeadNotInvertibleError
+from ._copa import (CopaOptions, _bias_residual, _delta_of_logits, _report, _solve_layer,
                     relu_active)
-from ._model import Model, _Stage, _Structure
-from ._operators import LayerSystem, _norm, _with_leaf
+from .._model import Model, Stage, Structure
+from .._maps import LayerSystem, norm, with_leaf
 
 
-def batch_system(stage: _Stage, leaves, deltas) -> LayerSystem:
+def batch_system(stage: Stage, leaves, deltas) -> LayerSystem:
     r"""The joint system of a layer over a batch: ``x`` of shape ``(B, *in_shape)``, forward :math:`x_i \mapsto A x_i`
     per image, gradient :math:`\sum_i B(x_i; \delta_i)` (``deltas`` ``(B, *z_shape)``)."""
     shape = (deltas.shape[0],) + tuple(stage.nodes.x_in.shape)
@@ -47,7 +48,7 @@ def batch_system(stage: _Stage, leaves, deltas) -> LayerSystem:
         return jax.vmap(lambda xi: stage.affine(xi, lv))(x)
 
     def b(x):
-        _, pull = jax.vjp(lambda w: f(x, _with_leaf(leaves, k, w)), leaves[k])
+        _, pull = jax.vjp(lambda w: f(x, with_leaf(leaves, k, w)), leaves[k])
         return pull(deltas.astype(dtype))[0]
 
     c, f_lin = jax.linearize(f, x0)
@@ -55,7 +56,7 @@ def batch_system(stage: _Stage, leaves, deltas) -> LayerSystem:
     return LayerSystem(jax.ShapeDtypeStruct(shape, dtype), f_lin, c, b_lin, h0)
 
 
-def _head_batch(model: Model, structure: _Structure, gleaves, labels, key, opts: CopaOptions, restarts: int,
+def _head_batch(model: Model, structure: Structure, gleaves, labels, key, opts: CopaOptions, restarts: int,
                 iters: int):
     """The head's inputs ``(B, *x_in)`` and deltas ``(B, *z)`` from the summed outer products (module docstring)."""
     leaves = jax.tree_util.tree_leaves(model.params)
@@ -86,7 +87,7 @@ def _head_batch(model: Model, structure: _Structure, gleaves, labels, key, opts:
         D = deltas(C)
         return jnp.concatenate([(D.T @ C - US).reshape(-1), D.sum(0) - gb])
 
-    scale = jnp.maximum(_norm(jnp.concatenate([US.reshape(-1), gb])), jnp.finfo(dtype).tiny)
+    scale = jnp.maximum(norm(jnp.concatenate([US.reshape(-1), gb])), jnp.finfo(dtype).tiny)
 
     def lm(C):
         def body(_, carry):
@@ -98,11 +99,11 @@ def _head_batch(model: Model, structure: _Structure, gleaves, labels, key, opts:
                                                                                                       dtype=dtype),
                                     -J.T @ r)
             Cn = C + step.reshape(C.shape)
-            cn = _norm(resid(Cn))
+            cn = norm(resid(Cn))
             ok = jnp.isfinite(cn) & (cn < cost)
             return (jnp.where(ok, Cn, C), jnp.where(ok, lam * 0.3, lam * 10.0), jnp.where(ok, cn, cost))
 
-        C, _, cost = jax.lax.fori_loop(0, iters, body, (C, jnp.asarray(1e-3, dtype), _norm(resid(C))))
+        C, _, cost = jax.lax.fori_loop(0, iters, body, (C, jnp.asarray(1e-3, dtype), norm(resid(C))))
         return C, cost
 
     D0 = deltas(jnp.zeros((B, B), dtype))  # the prediction at x = 0
@@ -118,13 +119,13 @@ def _head_batch(model: Model, structure: _Structure, gleaves, labels, key, opts:
     gres = costs[best] / scale
     status = jnp.where(jnp.isfinite(gres) & (gres < 1e-2), 0, 3).astype(jnp.int32)
     bsys = batch_system(st, leaves, D)
-    bres = _norm(D.sum(0).reshape(-1) - gb) / jnp.maximum(_norm(gb), jnp.finfo(dtype).tiny)
+    bres = norm(D.sum(0).reshape(-1) - gb) / jnp.maximum(norm(gb), jnp.finfo(dtype).tiny)
     gx = bsys.forward_transpose(D)
     rep = _report(st, False, jnp.full((), jnp.nan, dtype), gres, bres, 0, jnp.asarray(iters, jnp.int32), status)
     return X, gx, rep
 
 
-def _down_batch(model: Model, structure: _Structure, l: int, gleaves, X, GX, opts: CopaOptions):
+def _down_batch(model: Model, structure: Structure, l: int, gleaves, X, GX, opts: CopaOptions):
     """Layer l below the head, jointly for the batch: ``(B, *x_out)`` outputs and their gradients -> inputs."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[l]
@@ -148,7 +149,7 @@ _head_batch_jit = eqx.filter_jit(_head_batch)
 _down_batch_jit = eqx.filter_jit(_down_batch)
 
 
-def check_batch_head(structure: _Structure, B: int, loss: str) -> None:
+def check_batch_head(structure: Structure, B: int, loss: str) -> None:
     """Eager errors for a batch the head cannot separate (module docstring's condition)."""
     st = structure.stages[-1]
     n_out = math.prod(st.nodes.z.shape)

@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray
 
-from ._gradient import check_labels, client_gradient, num_labels
-from ._model import Model
-from ._result import STATUS_MESSAGES
-from ._security import SecurityReport, _check_key, security
-from .attacks._registry import ATTACKS, attack, check_options
+from .._gradient import check_labels, client_gradient, num_labels
+from .._model import Model
+from .._result import STATUS_MESSAGES
+from ..security._security import SecurityReport, _check_key, security
+from ..attacks._registry import ATTACKS, attack, check_options
 
 #: Options :func:`audit` gives the optimisation attacks unless ``attack_options`` says otherwise: budgets that keep
 #: an audit of a zoo model on a few images in minutes on a CPU (the attacks' own defaults are the papers' budgets).
@@ -274,7 +274,7 @@ class AuditResult:
 
     def to_dict(self) -> dict:
         """The audit as JSON values (``metrics.json``); non-finite numbers become ``None``."""
-        from . import __version__
+        from .. import __version__
 
         return _jsonable({
             "jaxinv_version": __version__, "model": self.model, "input_shape": list(self.input_shape),
@@ -316,7 +316,7 @@ class AuditResult:
         Returns:
             ``{"html": path, "json": path, "<attack>": png path, "truth": png path}``.
         """
-        from . import report
+        from .. import report
 
         os.makedirs(out_dir, exist_ok=True)
         paths = {"html": os.path.join(out_dir, "report.html"), "json": os.path.join(out_dir, "metrics.json"),
@@ -369,7 +369,7 @@ def merged_options(names: tuple[str, ...], attack_options: dict | None) -> dict[
 
 
 def _metrics(rec_images: jax.Array, truth: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    from . import metrics
+    from .. import metrics
 
     t = truth  # the model's dtype: float64 reconstructions keep their precision
     img = jnp.clip(rec_images, 0.0, 1.0).astype(t.dtype).reshape(t.shape)

@@ -11,7 +11,7 @@ The recursion (Chen & Campbell 2021, eqs. for the forward and gradient constrain
 2. **Going down**, knowing :math:`x_l` and :math:`\partial\ell/\partial x_l = A_{l+1}^\top\delta_{l+1}`:
    :math:`z_l = s_l^{-1}(x_l)`, :math:`\delta_l = \partial\ell/\partial x_l \odot s_l'(z_l)`, and
    :math:`x_{l-1}` solves :math:`[A_l;\,B_l(\cdot;\delta_l)]\,x = [z_l - c_l;\, g_{W_l} - B_l(0;\delta_l)]`
-   in least squares (:mod:`jaxinv._operators`).
+   in least squares (:mod:`jaxinv._maps`).
 3. The image is :math:`x_0`.
 
 The recursion is a fold over the layers from the output down (layers differ in shape, so it is a Python
@@ -32,16 +32,13 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Int, PyTree
 
-from ._blocks import BlockSystem, solve_block
-from ._constraints import Pullback, as_pullback, output_projection, pullback_layer
-from ._gradient import _label_shape, check_labels, loss_fn, validate_grads
-from ._model import Model, _Stage, _Structure
-from ._operators import LayerSystem, _norm, _with_leaf, operator_norm, solver_status
-from ._result import LayerReport, Reconstruction
-
-
-class HeadNotInvertibleError(ValueError):
-    """The network's head cannot be inverted in closed form (message says why and what to use)."""
+from ._block import BlockSystem, solve_block
+from ._refine import Pullback, as_pullback, output_projection, pullback_layer
+from .._labels import HeadNotInvertibleError, head_delta_direction, label_from_delta, rank_one, recover_labels
+from .._gradient import label_shape, check_labels, loss_fn, validate_grads
+from .._model import Model, Stage, Structure
+from .._maps import LayerSystem, norm, with_leaf, operator_norm, solver_status
+from .._result import LayerReport, Reconstruction
 
 
 # ----------------------------------------------------------------------------------------------------- options
@@ -72,59 +69,16 @@ def _tols(opts: CopaOptions, dtype):
 
 
 # -------------------------------------------------------------------------------------------------------- head
-def _bias_map(stage: _Stage, leaves):
+def _bias_map(stage: Stage, leaves):
     """Linear map ``b -> contribution of b to z`` of the layer's bias, and its input structure."""
     bl = stage.nodes.bias_leaf
     x0 = jnp.zeros(stage.nodes.x_in.shape, leaves[stage.nodes.kernel_leaf].dtype)
-    return lambda b: stage.affine(x0, _with_leaf(leaves, bl, b)) - stage.affine(
-        x0, _with_leaf(leaves, bl, jnp.zeros_like(leaves[bl]))
+    return lambda b: stage.affine(x0, with_leaf(leaves, bl, b)) - stage.affine(
+        x0, with_leaf(leaves, bl, jnp.zeros_like(leaves[bl]))
     )
 
 
-def head_delta_direction(structure: _Structure, gleaves) -> tuple[Array, bool]:
-    r"""The head's :math:`\delta_L` from the shared gradient: exact from the bias gradient when the head has a
-    bias (``exact=True``), else its direction up to sign and scale (left singular vector of :math:`g_{W_L}`)."""
-    st = structure.stages[-1]
-    z_shape = st.nodes.z.shape
-    if st.nodes.bias_leaf >= 0:
-        params_like = [g for g in gleaves]
-        gb = gleaves[st.nodes.bias_leaf]
-        if math.prod(gb.shape) != math.prod(z_shape):
-            raise HeadNotInvertibleError(
-                f"the head {st.layer.path!r} shares its bias over {math.prod(z_shape) // max(1, math.prod(gb.shape))} "
-                "positions, so its bias gradient is a sum of per-position errors and does not give delta_L: invert "
-                "this model with an optimisation attack (jaxinv.attack('ig', ...))"
-            )
-        del params_like
-        return gb.reshape(z_shape), True
-    u, _, _ = _rank_one(st, gleaves)
-    return u.reshape(z_shape), False
-
-
-def _rank_one(st: _Stage, gleaves, leaves=None):
-    r"""Write :math:`g_{W_L} = \sigma\, u\, v^\top` with :math:`u` over outputs and :math:`v` over inputs."""
-    leaves = gleaves if leaves is None else leaves
-    if st.layer.kind != "dense":
-        raise HeadNotInvertibleError(
-            f"the head {st.layer.path!r} is a convolution without bias: its gradient is not a rank-one outer "
-            "product, so the head cannot be inverted in closed form; use jaxinv.attack('ig', ...)"
-        )
-    z_shape = st.nodes.z.shape
-    k = st.nodes.kernel_leaf
-    gW = gleaves[k]
-    n_out = math.prod(z_shape)
-    eye = jnp.eye(n_out, dtype=gW.dtype).reshape((n_out,) + tuple(z_shape))
-
-    def row(e):  # B(x; e_j)^T gW = delta_j x for a dense layer
-        sys = LayerSystem.build(st, leaves, e)
-        return jax.linear_transpose(sys.gradient, sys.x_struct)(gW)[0].reshape(-1)
-
-    R = jax.vmap(row)(eye)  # (n_out, n_in)
-    U, S, Vt = jnp.linalg.svd(R, full_matrices=False)
-    return U[:, 0], S[0], Vt[0].reshape(st.nodes.x_in.shape)
-
-
-def _delta_of_logits(stage: _Stage, loss: str, n_out: int):
+def _delta_of_logits(stage: Stage, loss: str, n_out: int):
     """``z_L -> dl/dz_L`` for one example ``z_L`` of shape ``(1, ...)``: the loss through the head's activation
     (``y`` one label, or one mask for a segmentation model: :func:`jaxinv._gradient.loss_fn` reads both)."""
     lf = loss_fn(loss, n_out)
@@ -135,7 +89,7 @@ def _delta_of_logits(stage: _Stage, loss: str, n_out: int):
     return delta
 
 
-def _head_scale(st: _Stage, leaves, u, s, v, label, loss, n_out):
+def _head_scale(st: Stage, leaves, u, s, v, label, loss, n_out):
     r"""Solve :math:`c\,\delta(c) = \sigma u` for the scale :math:`c` of :math:`x_{L-1} = c v` (1-D search)."""
     sys = LayerSystem.build(st, leaves, jnp.zeros(st.nodes.z.shape, v.dtype))
     av, c0 = sys.forward(v), sys.forward_offset
@@ -157,7 +111,7 @@ def _head_scale(st: _Stage, leaves, u, s, v, label, loss, n_out):
     right = jnp.concatenate([vals[:, 1:], jnp.full((2, 1), jnp.inf, vals.dtype)], axis=1)
     tnorm = jnp.sum(target * target)
     roots = (vals <= left) & (vals <= right) & (vals < 1e-2 * tnorm)
-    logit = jnp.abs(grid) * _norm(av)
+    logit = jnp.abs(grid) * norm(av)
     flat = jnp.where(roots, logit, jnp.inf).reshape(-1)
     i = jnp.where(jnp.any(roots), jnp.argmin(flat), jnp.argmin(vals.reshape(-1)))
     c = grid.reshape(-1)[i]
@@ -203,8 +157,8 @@ def _solve_layer(sys: LayerSystem, z, gW, opts: CopaOptions, *, use_forward=True
         rhs = f64(rhs)
     sol = lx.linear_solve(op, rhs, lx.LSMR(rtol=rtol, atol=atol, max_steps=opts.max_steps), throw=False)
     x = sol.value.astype(dtype)
-    fres = _norm(fwd_fn(x) - fwd_target) / jnp.maximum(_norm(fwd_target), jnp.finfo(dtype).tiny)
-    gres = _norm(sys.gradient(x) - grd_target) / jnp.maximum(_norm(grd_target), jnp.finfo(dtype).tiny)
+    fres = norm(fwd_fn(x) - fwd_target) / jnp.maximum(norm(fwd_target), jnp.finfo(dtype).tiny)
+    gres = norm(sys.gradient(x) - grd_target) / jnp.maximum(norm(grd_target), jnp.finfo(dtype).tiny)
     if not use_forward:
         fres = jnp.full((), jnp.nan, dtype)
     status = solver_status(sol.result)
@@ -215,14 +169,14 @@ def _solve_layer(sys: LayerSystem, z, gW, opts: CopaOptions, *, use_forward=True
     return x, fres, gres, steps, status
 
 
-def _bias_residual(stage: _Stage, leaves, gleaves, delta):
+def _bias_residual(stage: Stage, leaves, gleaves, delta):
     bl = stage.nodes.bias_leaf
     if bl < 0:
         return jnp.full((), jnp.nan, delta.dtype)
     bmap = _bias_map(stage, leaves)
     gb_hat = jax.linear_transpose(bmap, jax.ShapeDtypeStruct(leaves[bl].shape, leaves[bl].dtype))(delta)[0]
     gb = gleaves[bl]
-    return _norm(gb_hat - gb) / jnp.maximum(_norm(gb), jnp.finfo(delta.dtype).tiny)
+    return norm(gb_hat - gb) / jnp.maximum(norm(gb), jnp.finfo(delta.dtype).tiny)
 
 
 def _report(stage, use_forward, fres, gres, bres, clipped, steps, status, seconds=jnp.nan, refined=None):
@@ -251,7 +205,7 @@ def _correct(stages, l, sys: LayerSystem, x, x_lsq, z, gW, mask, opts: CopaOptio
     fwd = sys.forward(x) if mask is None else sys.forward(x) * mask
     d, _, _, more, _ = _solve_layer(sys, z - fwd, gW - sys.gradient(x), opts, mask=mask)
     xc = output_projection(stages, l, box, x.dtype)(x + d)
-    rho = _norm(x + d - x_lsq) / jnp.maximum(_norm(x - x_lsq), jnp.finfo(x.dtype).tiny)
+    rho = norm(x + d - x_lsq) / jnp.maximum(norm(x - x_lsq), jnp.finfo(x.dtype).tiny)
     return jnp.where(rho < below, xc, x), more
 
 
@@ -263,13 +217,13 @@ def _residuals(sys: LayerSystem, x, z, gW, mask):
     if mask is not None:
         tf, fwd = tf * mask, (lambda v: sys.forward(v) * mask)
     tg = gW - sys.gradient_offset
-    fres = _norm(fwd(x) - tf) / jnp.maximum(_norm(tf), jnp.finfo(dtype).tiny)
-    gres = _norm(sys.gradient(x) - tg) / jnp.maximum(_norm(tg), jnp.finfo(dtype).tiny)
+    fres = norm(fwd(x) - tf) / jnp.maximum(norm(tf), jnp.finfo(dtype).tiny)
+    gres = norm(sys.gradient(x) - tg) / jnp.maximum(norm(tg), jnp.finfo(dtype).tiny)
     return fres, gres
 
 
 # -------------------------------------------------------------------------------------------------- the steps
-def _head_step(model: Model, structure: _Structure, gleaves, label, opts: CopaOptions):
+def _head_step(model: Model, structure: Structure, gleaves, label, opts: CopaOptions):
     """Layer L: recover ``delta_L`` (and the label), solve for ``x_{L-1}``; return ``(x, dl/dx, label, report)``."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[-1]
@@ -283,22 +237,22 @@ def _head_step(model: Model, structure: _Structure, gleaves, label, opts: CopaOp
     if st.nodes.bias_leaf >= 0:
         delta, _ = head_delta_direction(structure, gleaves)
         if label is None:
-            label = _label_from_delta(delta.reshape(-1), exact=True)
+            label = label_from_delta(delta.reshape(-1), exact=True)
         sys = LayerSystem.build(st, leaves, delta)
         x, fres, gres, steps, status = _solve_layer(sys, jnp.zeros_like(sys.forward_offset), gW, opts, use_forward=False)
     else:
-        u, s, v = _rank_one(st, gleaves, leaves)
+        u, s, v = rank_one(st, gleaves, leaves)
         if label is None:
             if n_out == 1:
                 raise HeadNotInvertibleError(
                     f"the head {st.layer.path!r} has one output and no bias: the label cannot be read from the "
                     "gradient's sign; pass label= (0 or 1)"
                 )
-            label = _label_from_delta(u, exact=False)
+            label = label_from_delta(u, exact=False)
         loss = opts.loss
         x, delta = _head_scale(st, leaves, u, s, v, label, loss, n_out)
         sys = LayerSystem.build(st, leaves, delta)
-        gres = _norm(sys.gradient(x) - gW) / jnp.maximum(_norm(gW), jnp.finfo(gW.dtype).tiny)
+        gres = norm(sys.gradient(x) - gW) / jnp.maximum(norm(gW), jnp.finfo(gW.dtype).tiny)
         fres = jnp.full((), jnp.nan, gW.dtype)
         steps, status = jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.int32)
         status = jnp.where(jnp.isfinite(gres) & (gres < 1e-2), status, 3)
@@ -323,21 +277,12 @@ def relu_active(x):
     return jnp.where(x > tau, x, jnp.zeros_like(x))
 
 
-def _label_from_delta(d, *, exact):
-    if d.size == 1:
-        return jnp.where(d[0] < 0, 1, 0).astype(jnp.int32)
-    if exact:
-        return jnp.argmin(d).astype(jnp.int32)
-    neg = jnp.sum(d < 0)
-    return jnp.where(neg <= d.size // 2, jnp.argmin(d), jnp.argmax(d)).astype(jnp.int32)
-
-
-def _down_step(model: Model, structure: _Structure, l: int, gleaves, x_l, gx_l, opts: CopaOptions,
+def _down_step(model: Model, structure: Structure, l: int, gleaves, x_l, gx_l, opts: CopaOptions,
                pullback: Pullback | None = None):
     """Layer l (0-based, below the head): from ``x_l`` (its output) and ``dl/dx_l`` to ``x_{l-1}``.
 
     With ``pullback``, the least-squares solution is refined by the pull-back constraints
-    (:func:`jaxinv._constraints.pullback_layer`; for a ReLU layer also its inequality rows on inactive units)."""
+    (:func:`jaxinv.engine._refine.pullback_layer`; for a ReLU layer also its inequality rows on inactive units)."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[l]
     act = st.activation
@@ -370,9 +315,9 @@ def _down_step(model: Model, structure: _Structure, l: int, gleaves, x_l, gx_l, 
     return x, gx, _report(st, True, fres, gres, bres, clipped, steps, status, refined=refined)
 
 
-def _block_solve(st: _Stage, leaves, gleaves, z, delta, mask, clipped, opts: CopaOptions, carry_down: bool):
-    """A block below the head (:mod:`jaxinv._blocks`): its input from its output and its parameters' gradient,
-    jointly (:func:`jaxinv._blocks.solve_block`); returns ``(u, dl/du, report)`` like a layer's step."""
+def _block_solve(st: Stage, leaves, gleaves, z, delta, mask, clipped, opts: CopaOptions, carry_down: bool):
+    """A block below the head (:mod:`jaxinv.engine._block`): its input from its output and its parameters' gradient,
+    jointly (:func:`jaxinv.engine._block.solve_block`); returns ``(u, dl/du, report)`` like a layer's step."""
     bs = BlockSystem(st, leaves, delta, st.nodes.leaves)
     g = tuple(gleaves[i] for i in st.nodes.leaves)
     rtol, atol = _tols(opts, z.dtype)
@@ -416,7 +361,7 @@ def _timed(traced: bool, fn, *args):
     return out, time.perf_counter() - t0
 
 
-def _fold_down(traced: bool, structure: _Structure, down, gleaves, x, gx, opts, head_rep, head_seconds, B: int):
+def _fold_down(traced: bool, structure: Structure, down, gleaves, x, gx, opts, head_rep, head_seconds, B: int):
     """The recursion below the head: a fold over the layers from the output down to the image.
 
     ``down[l]`` maps ``(gleaves, x_l, dl/dx_l, opts)`` to ``(x_{l-1}, dl/dx_{l-1}, report)``; ``x``, ``gx`` come from
@@ -492,7 +437,7 @@ def copa(
             small total variation; ReLU layers add their inequality rows. ``True`` uses the default weights;
             pass :class:`jaxinv.Pullback` (``system``, ``range``, ``inequality``, ``tv``, ``box``, ``steps``,
             ``lr``, ...) to change them. Each layer's refinement is one compiled Adam loop started at the
-            least-squares solution (:mod:`jaxinv._constraints`); its steps, objective and the least-squares
+            least-squares solution (:mod:`jaxinv.engine._refine`); its steps, objective and the least-squares
             residual before it are in the layer's report. ``False`` (default): plain least squares.
         batching: how stacked targets are solved: ``"vmap"`` (one batched solve per layer; what accelerators
             and sharded targets want, see :func:`jaxinv.shard_targets`) or ``"map"`` (``lax.map``: one target after
@@ -504,7 +449,7 @@ def copa(
         batch_size: ``B > 1`` images behind one (unstacked) gradient, when ``label`` is ``None`` (their labels are
             then recovered as a multiset, :func:`jaxinv.recover_labels`); a ``label`` of shape ``(B,)`` with an
             unstacked gradient means the same. The head separates the batch when it is a dense layer with a bias
-            and at least ``B`` outputs; the layers below are solved jointly (:mod:`jaxinv._batch`). Images come
+            and at least ``B`` outputs; the layers below are solved jointly (:mod:`jaxinv.engine._batch`). Images come
             back in no particular order (:func:`jaxinv.metrics.match`).
         local_steps, local_lr, fedavg_iters: the shared object is a FedAvg update after ``local_steps``
             :math:`K > 1` SGD steps with learning rate ``local_lr`` :math:`\eta`, passed as
@@ -535,7 +480,7 @@ def copa(
                             local_lr=local_lr, fedavg_iters=fedavg_iters, key=key)
     structure = model.structure(input_shape)
     gleaves, T = validate_grads(model, grads)
-    lshape = _label_shape(structure.stages[-1].nodes.x_out.shape[1:])
+    lshape = label_shape(structure.stages[-1].nodes.x_out.shape[1:])
     if lshape:
         return _copa_segmentation(model, structure, gleaves, T, label, lshape, loss, pullback, batch_size,
                                   CopaOptions(rtol=rtol, atol=atol, max_steps=max_steps, forward_weight=forward_weight,
@@ -609,7 +554,7 @@ def copa(
 
 
 def _copa_segmentation(model, structure, gleaves, T, label, lshape, loss, pullback, batch_size, opts):
-    """Argument checks for a segmentation model's gradient, then :func:`jaxinv._seg.copa_seg`."""
+    """Argument checks for a segmentation model's gradient, then :func:`jaxinv.engine._seg.copa_seg`."""
     from ._seg import copa_seg
 
     K = structure.stages[-1].nodes.x_out.shape[-1]
@@ -635,8 +580,8 @@ def _copa_segmentation(model, structure, gleaves, T, label, lshape, loss, pullba
 
 def _copa_fedavg(model, grads, *, local_steps, local_lr, fedavg_iters, **kw) -> Reconstruction:
     """COPA on a FedAvg update read as a gradient, corrected by simulating the client's steps (see :func:`copa`)."""
-    from ._fedavg import _check_steps_lr, local_update, update_as_gradient
-    from ._gradient import client_gradient
+    from .._fedavg import _check_steps_lr, local_update, update_as_gradient
+    from .._gradient import client_gradient
 
     K, lr = _check_steps_lr(local_steps, local_lr, "copa")
     if isinstance(fedavg_iters, bool) or not isinstance(fedavg_iters, int) or fedavg_iters < 1:
@@ -686,9 +631,8 @@ def _copa_fedavg(model, grads, *, local_steps, local_lr, fedavg_iters, **kw) -> 
 
 
 def _copa_batch(model, structure, gleaves, label, batch_size, loss, n_out, key, opts) -> Reconstruction:
-    """COPA on one gradient of a batch of ``B`` images (:mod:`jaxinv._batch`)."""
+    """COPA on one gradient of a batch of ``B`` images (:mod:`jaxinv.engine._batch`)."""
     from ._batch import _down_batch_jit, _head_batch_jit, check_batch_head
-    from .attacks._dlg import recover_labels
 
     B = int(label.size) if label is not None else int(batch_size)
     check_batch_head(structure, B, loss)

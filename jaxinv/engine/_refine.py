@@ -1,6 +1,6 @@
 r"""Pull-back constraints: what a layer's solution must also satisfy, as small composable penalty terms.
 
-COPA solves layer :math:`l` for its input :math:`x = x_{l-1}` in least squares (:mod:`jaxinv._copa`). When that
+COPA solves layer :math:`l` for its input :math:`x = x_{l-1}` in least squares (:mod:`jaxinv.engine._copa`). When that
 system is underdetermined, the least-squares (minimum-norm) answer is one point of an affine set, and most of it
 is not a possible input. The **pull-back** (Chen & Campbell 2021) says which points are: :math:`x_{l-1}` is itself
 the output of layer :math:`l-1`,
@@ -56,8 +56,8 @@ import lineax as lx
 import optax
 from jaxtyping import Array, PyTree
 
-from ._activations import Activation
-from ._operators import LayerSystem, operator_norm
+from .._activations import Activation
+from .._maps import LayerSystem, operator_norm
 
 __all__ = [
     "Pullback",
@@ -247,7 +247,7 @@ def range_penalty(forward: Callable, offset, act: Activation, scale, *, weight=1
 def total_variation(on: str, *, weight=1.0) -> Term:
     r"""Total variation of an image ``v[on]`` (NHWC): :math:`\sum_{a\in\{H, W\}} \operatorname{mean}|\Delta_a x|`
     (the attacks' :func:`jaxinv.attacks.total_variation`, Geiping et al.'s prior)."""
-    from .attacks._objectives import total_variation as tv  # local: the attacks package imports _copa
+    from ..attacks._objectives import total_variation as tv  # local: the attacks package imports _copa
 
     return Term(lambda v: tv(v[on]), weight, "tv")
 
@@ -401,7 +401,7 @@ def pullback_layer(
     r"""Refine layer ``l``'s least-squares solution ``x_lsq`` (its input :math:`x_{l-1}`) with the pull-back.
 
     Args:
-        stages: the model's stages (:attr:`jaxinv._model._Structure.stages`).
+        stages: the model's stages (:attr:`jaxinv._model.Structure.stages`).
         l: the layer (0 = input layer).
         leaves: the model's parameter leaves.
         sys: the layer's system (built at its :math:`\delta_l`).

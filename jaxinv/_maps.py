@@ -24,18 +24,18 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from ._model import _Stage
+from ._model import Stage
 
 
 def _vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-def _norm(a):
+def norm(a):
     return jnp.sqrt(jnp.maximum(_vdot(a, a), 0.0))
 
 
-def _with_leaf(leaves, k, value):
+def with_leaf(leaves, k, value):
     out = list(leaves)
     out[k] = value
     return out
@@ -60,7 +60,7 @@ class LayerSystem:
     gradient_offset: jax.Array
 
     @classmethod
-    def build(cls, stage: _Stage, leaves, delta) -> "LayerSystem":
+    def build(cls, stage: Stage, leaves, delta) -> "LayerSystem":
         """Build layer ``stage``'s maps at parameters ``leaves`` and pre-activation gradient ``delta``."""
         shape = stage.nodes.x_in.shape
         dtype = leaves[stage.nodes.kernel_leaf].dtype
@@ -71,7 +71,7 @@ class LayerSystem:
             return stage.affine(x, leaves)
 
         def b(x):
-            _, pull = jax.vjp(lambda w: stage.affine(x, _with_leaf(leaves, k, w)), leaves[k])
+            _, pull = jax.vjp(lambda w: stage.affine(x, with_leaf(leaves, k, w)), leaves[k])
             return pull(delta.astype(dtype))[0]
 
         c, f_lin = jax.linearize(f, x0)
@@ -101,12 +101,12 @@ def operator_norm(fn: Callable, x_struct, iters: int = 12):
     for s in x_struct.shape:
         n *= s
     v = jnp.cos(jnp.arange(n, dtype=x_struct.dtype) * 1.618).reshape(x_struct.shape) + 1.0
-    v = v / _norm(v)
+    v = v / norm(v)
 
     def body(_, carry):
         v, _ = carry
         w = ft(fn(v))[0]
-        nw = _norm(w)
+        nw = norm(w)
         return (w / jnp.where(nw > 0, nw, 1.0), nw)
 
     v, lam = jax.lax.fori_loop(0, iters, body, (v, jnp.zeros((), x_struct.dtype)))

@@ -25,7 +25,7 @@ dominates :math:`\Delta` in an untrained or early network, so the iteration star
 
 The mask must be known (an auditor knows it; an attacker with the annotation policy can often guess it: the
 labels of a segmentation gradient are not read from its sign the way a classifier's are). Below the head the
-recursion is the classifier's (:func:`jaxinv._copa._down_step`): it needs only :math:`x_l` and
+recursion is the classifier's (:func:`jaxinv.engine._copa._down_step`): it needs only :math:`x_l` and
 :math:`\partial\ell/\partial x_l`.
 """
 
@@ -38,15 +38,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._blocks import levenberg_marquardt
+from ._block import levenberg_marquardt
 from ._copa import CopaOptions, _bias_residual, _delta_of_logits, _down_jit, _fold_down, _report, _timed, _tols
-from ._gradient import loss_fn
-from ._model import Model, _Structure
-from ._operators import LayerSystem, _norm, _with_leaf
-from ._result import Reconstruction
+from .._gradient import loss_fn
+from .._model import Model, Structure
+from .._maps import LayerSystem, norm, with_leaf
+from .._result import Reconstruction
 
 
-def head_gradient_fn(structure: _Structure, leaves, mask):
+def head_gradient_fn(structure: Structure, leaves, mask):
     r"""``x -> (g_W, g_b)``: the head's kernel (and bias) gradient a head input ``x`` would produce with ``mask``."""
     st = structure.stages[-1]
     idx = (st.nodes.kernel_leaf,) + ((st.nodes.bias_leaf,) if st.nodes.bias_leaf >= 0 else ())
@@ -57,7 +57,7 @@ def head_gradient_fn(structure: _Structure, leaves, mask):
         def loss_of(*ws):
             lv = list(leaves)
             for i, w in zip(idx, ws):
-                lv = _with_leaf(lv, i, w)
+                lv = with_leaf(lv, i, w)
             return lf(st.activation(st.affine(x, lv)), mask[None])
 
         return jax.grad(loss_of, argnums=tuple(range(len(idx))))(*(leaves[i] for i in idx))
@@ -65,7 +65,7 @@ def head_gradient_fn(structure: _Structure, leaves, mask):
     return shared, idx
 
 
-def head_seg(model: Model, structure: _Structure, gleaves, mask, opts: CopaOptions, iters: int):
+def head_seg(model: Model, structure: Structure, gleaves, mask, opts: CopaOptions, iters: int):
     """The head's input and :math:`\\partial\\ell/\\partial x_{L-1}` from its gradient and the mask (module doc)."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[-1]
@@ -73,7 +73,7 @@ def head_seg(model: Model, structure: _Structure, gleaves, mask, opts: CopaOptio
     target = tuple(gleaves[i] for i in idx)
     dtype = target[0].dtype
     tiny = jnp.finfo(dtype).tiny
-    w = tuple(1.0 / jnp.maximum(_norm(t), tiny) for t in target)
+    w = tuple(1.0 / jnp.maximum(norm(t), tiny) for t in target)
     rtol, atol = _tols(opts, dtype)
 
     def resid(x):
@@ -85,7 +85,7 @@ def head_seg(model: Model, structure: _Structure, gleaves, mask, opts: CopaOptio
     delta = _delta_of_logits(st, "cross_entropy", st.nodes.x_out.shape[-1])(st.affine(x, leaves), mask)
     sys = LayerSystem.build(st, leaves, delta)
     g = shared(x)
-    gres = _norm(g[0] - target[0]) / jnp.maximum(_norm(target[0]), tiny)
+    gres = norm(g[0] - target[0]) / jnp.maximum(norm(target[0]), tiny)
     bres = _bias_residual(st, leaves, gleaves, delta)
     status = jnp.where(jnp.isfinite(c) & (gres < 1e-2), 0, 3).astype(jnp.int32)
     rep = _report(st, False, jnp.full((), jnp.nan, dtype), gres, bres, 0, steps, status)
@@ -95,7 +95,7 @@ def head_seg(model: Model, structure: _Structure, gleaves, mask, opts: CopaOptio
 _head_seg_jit = eqx.filter_jit(head_seg)
 
 
-def copa_seg(model: Model, structure: _Structure, gleaves, mask, T, loss: str, opts: CopaOptions,
+def copa_seg(model: Model, structure: Structure, gleaves, mask, T, loss: str, opts: CopaOptions,
              gn_iters: int = 20) -> Reconstruction:
     """COPA for a segmentation model: :func:`head_seg`, then the classifier's recursion below the head.
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray
 
-from ._model import Model
+from .._model import Model
 
 #: A defence: a function ``(grads, key) -> grads`` on one client's gradient pytree (one target).
 Defence = Callable[[Any, Any], Any]
@@ -94,7 +94,7 @@ def _resolve(name: str, m: Any) -> Model:
 
 
 def _meta(backend: str) -> dict:
-    from . import __version__
+    from .. import __version__
 
     meta = {"host": socket.gethostname(), "backend": backend, "device": jax.default_backend(), "jaxinv": __version__}
     if backend == "ray":
@@ -107,7 +107,7 @@ def _meta(backend: str) -> dict:
 def run_task(task: _Task, backend: str = "local") -> list[dict]:
     """Run one task and return its rows (never raises for a model or attack that cannot run: ``error`` says why)."""
     from ._audit import _jsonable, leaking_layer, run_attack, stacked_gradients
-    from ._security import security
+    from ..security._security import security
 
     meta = _meta(backend)
     base = {"model": task.model_name, "defence": task.defence_name}
@@ -278,10 +278,10 @@ def sweep(
         ...                     key=jax.random.key(0))
         >>> import pandas as pd; pd.read_json("sweep.jsonl", lines=True).groupby(["model", "attack"]).psnr.mean()
     """
-    from . import data
+    from .. import data
     from ._audit import _check_attacks, _jsonable, check_images, merged_options
-    from ._gradient import check_labels, num_labels
-    from ._security import _check_key
+    from .._gradient import check_labels, num_labels
+    from ..security._security import _check_key
 
     key = _check_key(key)
     mods = _models(models)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from ._operators import _norm, _with_leaf
+from .._maps import norm, with_leaf
 
 
 def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_steps: int, iters: int, lam0=1e-2):
@@ -60,7 +60,7 @@ def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_st
     x_struct = jax.ShapeDtypeStruct(x0.shape, dtype)
 
     def cost(x):
-        return _norm(resid(x))
+        return norm(resid(x))
 
     def body(_, carry):
         x, c, lam, steps = carry
@@ -94,7 +94,7 @@ class BlockSystem:
     def _with(self, ws):
         lv = self.leaves
         for i, w in zip(self.idx, ws):
-            lv = _with_leaf(lv, i, w)
+            lv = with_leaf(lv, i, w)
         return lv
 
     def forward(self, u, smooth=None):
@@ -117,8 +117,8 @@ class BlockSystem:
         dtype = self.x_struct.dtype
         tiny = jnp.finfo(dtype).tiny
         m = jnp.ones_like(z) if mask is None else mask
-        wf = 1.0 / jnp.maximum(_norm(z * m), tiny)
-        wg = 1.0 / jnp.maximum(_norm(g), tiny)
+        wf = 1.0 / jnp.maximum(norm(z * m), tiny)
+        wg = 1.0 / jnp.maximum(norm(g), tiny)
         w = wg * gradient_weight
 
         def parts(u):
@@ -134,7 +134,7 @@ class BlockSystem:
 
         def relative(u):
             f, gr = parts(u)
-            return _norm(f) * wf, _norm(gr) * wg
+            return norm(f) * wf, norm(gr) * wg
 
         return resid, relative
 

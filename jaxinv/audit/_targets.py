@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import jax
 
-from ._model import Model, from_linen
+from .._model import Model, from_linen
 
 FACTORY_CONTRACT = (
     "a factory returns a jaxinv.Model, (linen module, variables) or (linen module, variables, input_shape)")
@@ -55,7 +55,7 @@ def load_target(target: str, input_shape: tuple[int, ...] | None = None, seed: i
         ValueError: unknown zoo name, a module that does not import, a missing or non-callable factory, a factory
             that raises or returns something else, or no input shape; every message names ``target``.
     """
-    from . import zoo
+    from .. import zoo
 
     if not isinstance(target, str) or not target:
         raise ValueError(f"MODEL must be a zoo name or package.module:factory, got {target!r}")

@@ -1,7 +1,7 @@
 r"""How secure is an architecture? Ranks, deficiencies, the COPA and R-GAP indices, and a validated score.
 
 For layer :math:`l` (input layer first) the unknown is its input :math:`x_{l-1}` (:math:`n_l` entries). The shared
-gradient gives two linear constraints on it (:mod:`jaxinv._operators`): the **forward** rows
+gradient gives two linear constraints on it (:mod:`jaxinv._maps`): the **forward** rows
 :math:`A_l x = z_l - c_l` (:math:`m_l` output units) and the **gradient** rows :math:`B_l(x;\delta_l) = g_{W_l}`
 (:math:`p_l` kernel entries). The layer is *determined* when the stacked operator :math:`M_l = [A_l; B_l]` has full
 column rank; its **deficiency** :math:`d_l = n_l - \operatorname{rank} M_l` counts the directions of
@@ -60,7 +60,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from scipy.linalg import lapack
 
-from ._model import Model, _Stage, param_paths
+from .._model import Model, Stage, param_paths
 
 #: Relative rank tolerance on the singular values of the balanced stacked operator.
 RANK_TOL = 1e-6
@@ -140,11 +140,11 @@ class _Maps:
     :math:`A v` is the tangent of the layer's map at ``u`` (``jax.jvp``), :math:`B(v;\delta)` the tangent of the
     cotangent of its parameters (``jax.vjp``), flattened and concatenated: for a layer (``u = 0``, its kernel) the
     layer's own convolution / matmul, so applied to a unit vector they return the matrix entries exactly; for a block
-    (:mod:`jaxinv._blocks`: its input ``u``, all its parameters) the linearisation of its nonlinear system, determined
+    (:mod:`jaxinv.engine._block`: its input ``u``, all its parameters) the linearisation of its nonlinear system, determined
     where it has full column rank. Inputs are given as rows of a float32 array; :meth:`apply` returns float64 columns.
     """
 
-    def __init__(self, stage: _Stage, leaves, delta, mask, u=None):
+    def __init__(self, stage: Stage, leaves, delta, mask, u=None):
         self.shape = tuple(stage.nodes.x_in.shape)
         self.out_shape = tuple(stage.nodes.z.shape)
         block = stage.nodes.kind == "block"
@@ -463,7 +463,7 @@ class LayerSecurity:
 class _LayerData:
     """One layer of the representative pass: its stage, input, pre-activation gradient and row mask."""
 
-    stage: _Stage
+    stage: Stage
     x_in: jax.Array  # (1, *in_shape)
     z: jax.Array
     delta: jax.Array
@@ -473,7 +473,7 @@ class _LayerData:
     gain: float  # activation inverse gain at this layer's output (see LayerSecurity.inverse_gain)
 
 
-def _conv_axes(stage: _Stage, leaves) -> tuple[int, tuple[int, ...], int] | None:
+def _conv_axes(stage: Stage, leaves) -> tuple[int, tuple[int, ...], int] | None:
     """``(channel axis, spatial axes)`` of the layer input and the kernel's in-feature axis, when the convolution
     reads the layer input directly (up to element-wise shifts) with an unreshaped kernel and one group."""
     w = stage.nodes.bilinear
@@ -904,7 +904,7 @@ def _stacked_generic(maps: _Maps, fw: _Forward, X: np.ndarray):
     return blk, lost, _np_norm2(M)
 
 
-def _padding_entries(stage: _Stage, axes) -> int:
+def _padding_entries(stage: Stage, axes) -> int:
     L = stage.layer
     if L.kind != "conv" or not L.padding or axes is None:
         return 0
@@ -1059,7 +1059,7 @@ def _representative_pass(model: Model, structure, leaves, x: jax.Array, label: j
                          probes: np.ndarray) -> list[_LayerData]:
     r"""Forward and backward pass at one input (every layer's input, pre-activation and :math:`\delta_l`), and
     forward passes of the probe images (every layer's input, and the activations' inverse gains)."""
-    from ._gradient import loss_fn
+    from .._gradient import loss_fn
 
     stages = structure.stages
     n_out = math.prod(stages[-1].nodes.x_out.shape)
@@ -1582,7 +1582,7 @@ def security(
 
     For every weight layer :math:`l` the shared gradient poses a linear system for the layer's input
     :math:`x_{l-1}`: forward rows :math:`A_l x = z_l - c_l` and gradient rows :math:`B_l(x;\delta_l) = g_{W_l}`
-    (:mod:`jaxinv._operators`). The report gives each system's numerical rank, deficiency and conditioning (also for
+    (:mod:`jaxinv._maps`). The report gives each system's numerical rank, deficiency and conditioning (also for
     the forward rows alone), the COPA authors' index, R-GAP's counting index, and a score: the predicted PSNR of the
     layer-wise attack on a typical image (:func:`predict_psnr`), with a verdict and advice.
 
@@ -1622,7 +1622,7 @@ def security(
             :math:`\theta_0 - \eta g` keeps about :math:`\varepsilon|\theta|` of absolute precision, which alone
             takes COPA on R-GAP's CNN6 from 93 to 11 dB at :math:`\eta = 0.01`).
         batch_size: the client's batch :math:`B`: the score is then the PSNR of the batch layer-wise attack
-            (:mod:`jaxinv._batch`) on ``B`` natural probes sharing one gradient (after ``defence``), matched to
+            (:mod:`jaxinv.engine._batch`) on ``B`` natural probes sharing one gradient (after ``defence``), matched to
             them (:func:`batch_psnr`); the ranks stay those of single images.
 
     Returns:
@@ -1646,8 +1646,8 @@ def security(
     References:
         Chen & Campbell, arXiv 2111.10178 (COPA, the index); Zhu & Blaschko, ICLR 2021 (R-GAP, rank analysis).
     """
-    from ._copa import copa as _copa
-    from ._gradient import _label_shape, _resolve_loss, check_labels, validate_grads
+    from ..engine._copa import copa as _copa
+    from .._gradient import label_shape, resolve_loss, check_labels, validate_grads
 
     t0 = time.perf_counter()
     if not isinstance(model, Model):
@@ -1678,15 +1678,15 @@ def security(
     shape = structure.input_shape
     leaves = jax.tree_util.tree_leaves(model.params)
     out_shape = structure.stages[-1].nodes.x_out.shape[1:]
-    lshape = _label_shape(out_shape)
+    lshape = label_shape(out_shape)
     n_out = out_shape[-1] if lshape else math.prod(out_shape)
     n_lab = 2 if n_out == 1 else n_out
-    loss = _resolve_loss(loss, n_out)
+    loss = resolve_loss(loss, n_out)
     k_x, k_y, k_p, k_a = jax.random.split(key, 4)
     if grads is None:
         x = jax.random.uniform(k_x, (1,) + shape, structure.dtype)
         if lshape:  # segmentation: a mask with natural regions (a probe image's luminance levels)
-            from .data import segmentation_masks
+            from ..data import segmentation_masks
 
             y = (check_labels(jnp.asarray(label), n_lab).reshape(lshape) if label is not None else
                  segmentation_masks(natural_probes(k_y, lshape + (1,), 1), classes=min(4, n_lab))[0])
@@ -1777,10 +1777,10 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
     Returns:
         ``(gains per layer, input layer first; MSE_D)``.
     """
-    from ._audit import stacked_gradients
-    from ._copa import copa as _copa
-    from ._fedavg import local_update, update_as_gradient
-    from ._gradient import num_labels
+    from ..audit._audit import stacked_gradients
+    from ..engine._copa import copa as _copa
+    from .._fedavg import local_update, update_as_gradient
+    from .._gradient import num_labels
 
     shape = model.resolve_input_shape(input_shape)
     x = jnp.asarray(probes, model.structure(shape).dtype)
@@ -1812,9 +1812,9 @@ def batch_psnr(model: Model, batch_size: int, *, key, input_shape=None, loss: st
     r"""PSNR (dB) of :func:`jaxinv.copa` on one gradient of ``batch_size`` natural probes (:func:`natural_probes`,
     random labels without repeats where the head allows, ``defence`` applied), the reconstructions matched to the
     probes (:func:`jaxinv.metrics.match`); the mean over the batch of the matched MSE, in dB."""
-    from . import metrics
-    from ._copa import copa as _copa
-    from ._gradient import client_gradient, num_labels
+    from .. import metrics
+    from ..engine._copa import copa as _copa
+    from .._gradient import client_gradient, num_labels
 
     shape = model.resolve_input_shape(input_shape)
     k_p, k_y, k_d, k_c = jax.random.split(key, 4)
@@ -1842,7 +1842,7 @@ def _verdict_defended(score: float, name: str, clean: float) -> str:
 
 
 # ================================================================================================ CLI
-from ._targets import load_target as _load_target  # noqa: E402  (zoo name or package.module:factory)
+from ..audit._targets import load_target as _load_target  # noqa: E402  (zoo name or package.module:factory)
 
 
 def score_main(argv: list[str] | None = None) -> int:
