@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 from . import attacks, defences
 from ._activations import Activation
-from .audit._audit import AttackResult, AuditResult, LeakingLayer, audit
+from ._audit._audit import AttackResult, AuditResult, LeakingLayer, audit
 from .engine._refine import Pullback
 from .engine._copa import copa
 from ._fedavg import local_update, update_as_gradient
@@ -13,9 +13,9 @@ from ._gradient import client_gradient, num_labels
 from ._labels import HeadNotInvertibleError, recover_label, recover_labels
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
-from .security._security import LayerSecurity, SecurityReport, security
+from ._security._security import LayerSecurity, SecurityReport, security
 from ._sharding import shard_targets, target_mesh
-from .audit._sweep import sweep
+from ._audit._sweep import sweep
 from .attacks import ATTACKS, attack
 
 __all__ = [

@@ -31,17 +31,17 @@ def positive_int(value: Any, name: str, where: str = "", *, minimum: int = 1, wh
     return int(value)
 
 
-def check_key(key: Any, who: str = "") -> None:
-    """``key`` must be ``None`` or a JAX PRNG key (``jax.random.key(s)`` or ``jax.random.PRNGKey(s)``)."""
-    if key is None:
-        return
-    ok = hasattr(key, "dtype") and (
-        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (getattr(key, "shape", None) == (2,) and np.dtype(key.dtype) == np.uint32)
-    )
+def check_key(key: Any, who: str = "", *, required: bool = False):
+    """``key`` as a typed JAX PRNG key (``jax.random.key(s)``; a raw ``jax.random.PRNGKey(s)`` is wrapped), or
+    ``None`` when it is ``None`` and not ``required``; a ``TypeError`` naming ``who`` otherwise."""
+    prefix = f"{who}: " if who else ""
+    if key is None and not required:
+        return None
+    ok = isinstance(key, jax.Array) and (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == np.uint32 and key.shape == (2,)))
     if not ok:
-        prefix = f"{who}: " if who else ""
-        raise TypeError(f"{prefix}key must be a JAX PRNG key (jax.random.key(seed)), got {type(key).__name__}")
+        raise TypeError(f"{prefix}key must be a JAX PRNG key such as jax.random.key(0); got {key!r}")
+    return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
 
 
 def merge_options(obj: T | None, cls: type[T], keywords: dict[str, Any], where: str) -> T:

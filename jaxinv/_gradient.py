@@ -182,3 +182,8 @@ def validate_grads(model: Model, grads: PyTree, *, allow_batch: bool = True) -> 
                 "gradient overflowed or was corrupted; recompute it (float32 overflow? lower the learning rate)"
             )
     return [jnp.asarray(g) for g in gl], (batch or None)
+
+
+def stacked_gradients(model: Model, images: jax.Array, labels: jax.Array) -> Any:
+    """The ``N`` single-image gradients of ``images`` with ``labels``, stacked on a leading axis of every leaf."""
+    return jax.vmap(lambda xi, yi: client_gradient(model, xi[None], yi[None]))(images, labels)

@@ -11,7 +11,7 @@
 ``MODEL`` is a zoo name or ``package.module:factory``: an importable callable, called with
 ``key=jax.random.key(seed)`` if it has a ``key`` parameter, returning a :class:`jaxinv.Model`, ``(linen module,
 variables)`` (then ``--input-shape`` is required) or ``(linen module, variables, input_shape)``; the model takes
-NHWC images in ``[0, 1]`` (see :mod:`jaxinv.audit._targets`).
+NHWC images in ``[0, 1]`` (see :mod:`jaxinv._audit._targets`).
 
 Progress goes to stderr, only when stderr is a terminal and ``CI`` is not set.
 
@@ -27,6 +27,10 @@ import os
 import sys
 import time
 
+import jax
+
+from ._audit import load_target
+from ._security import security
 from .report import image_grid as _images_grid
 
 
@@ -275,7 +279,7 @@ def _load_model(target: str, shape, seed: int, x64: bool):
     import jax
 
     from ._model import Model
-    from .audit._targets import load_target
+    from ._audit._targets import load_target
 
     try:
         model, shape = load_target(target, shape, seed)
@@ -360,7 +364,7 @@ def _audit(argv) -> int:
     args = ap.parse_args(argv)
 
     import jaxinv
-    from .audit._audit import step_options
+    from ._audit._audit import step_options
 
     attacks = tuple(dict.fromkeys(a.strip() for a in args.attacks.split(",") if a.strip()))
     bad = [a for a in attacks if a not in jaxinv.ATTACKS]
@@ -413,7 +417,8 @@ def _attack(argv) -> int:
 
     import jaxinv
     from . import report
-    from .audit._audit import AUDIT_DEFAULTS, _jsonable, _param_dtype, run_attack, stacked_gradients, step_options
+    from ._audit._audit import AUDIT_DEFAULTS, _jsonable, _param_dtype, run_attack, step_options
+    from ._gradient import stacked_gradients
 
     if args.name not in jaxinv.ATTACKS:
         raise _BadInput(f"NAME: unknown attack {args.name!r}; the registered attacks are: {', '.join(jaxinv.ATTACKS)}")
@@ -498,7 +503,7 @@ def _sweep(argv) -> int:
 
     import jaxinv
 
-    from .audit._audit import step_options
+    from ._audit._audit import step_options
 
     if args.n < 1:
         raise _BadInput(f"--n must be a positive integer, got {args.n}")
@@ -541,7 +546,58 @@ def _sweep(argv) -> int:
     return 0
 
 
-COMMANDS = {"demo": demo, "zoo": zoo_cmd, "audit": audit_cmd, "attack": attack_cmd, "sweep": sweep_cmd}
+def score_cmd(argv: list[str] | None = None) -> int:
+    """``python -m jaxinv score TARGET [--input-shape 32,32,3] [--fail-under X] [--fail-over X]``.
+
+    ``TARGET`` is a zoo name (``jaxinv.zoo.names()``, built with PyTorch-default init from ``--seed``) or
+    ``package.module:factory``, an importable function returning ``(linen module, variables)`` (or a
+    :class:`jaxinv.Model`); it is called with ``key=jax.random.key(seed)`` if it takes a ``key`` argument.
+    Prints the per-layer table, indices, score, verdict and advice. Exit status: 0; 1 when the gated metric
+    (``--metric``: ``score`` = predicted attack PSNR in dB, ``copa`` or ``rgap`` index) is below ``--fail-under``
+    or above ``--fail-over`` (a privacy gate: e.g. ``--fail-over 15`` fails models expected to leak recognisable
+    images); 2 for a usage or model error.
+    """
+    ap = argparse.ArgumentParser(prog="python -m jaxinv score",
+                                 description="Security of an architecture against layer-wise gradient inversion.")
+    ap.add_argument("target", help="zoo name or package.module:factory returning (linen module, variables)")
+    ap.add_argument("--input-shape", default=None, help="one input without the batch axis, e.g. 32,32,3")
+    ap.add_argument("--seed", type=int, default=0, help="PRNG seed (model init for zoo names, analysis key)")
+    ap.add_argument("--metric", choices=("score", "copa", "rgap"), default="score",
+                    help="metric the gates apply to (default: score, the predicted attack PSNR in dB)")
+    ap.add_argument("--fail-under", type=float, default=None, help="exit 1 if the metric is below this")
+    ap.add_argument("--fail-over", type=float, default=None, help="exit 1 if the metric is above this")
+    ap.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    except ValueError:
+        print(f"error: --input-shape must be comma-separated integers, got {args.input_shape!r}", file=sys.stderr)
+        return 2
+    try:
+        model, shape = load_target(args.target, shape, args.seed)
+        rep = security(model, input_shape=shape, key=jax.random.key(args.seed))
+    except (ValueError, TypeError) as e:  # includes UnsupportedModelError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(rep.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep.to_dict(), f, indent=1)
+    value = {"score": rep.score, "copa": rep.copa_index, "rgap": rep.rgap_index}[args.metric]
+    if args.fail_under is not None and value < args.fail_under:
+        print(f"FAIL: {args.metric} {value:.4g} is below {args.fail_under:g}", file=sys.stderr)
+        return 1
+    if args.fail_over is not None and value > args.fail_over:
+        print(f"FAIL: {args.metric} {value:.4g} is above {args.fail_over:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"demo": demo, "zoo": zoo_cmd, "audit": audit_cmd, "attack": attack_cmd, "sweep": sweep_cmd,
+            "score": score_cmd}
 
 
 def main(argv=None) -> int:
@@ -549,12 +605,6 @@ def main(argv=None) -> int:
     if os.getcwd() not in sys.path and "" not in sys.path:  # MODEL factories import from the working directory,
         sys.path.insert(0, os.getcwd())  # as under `python -m jaxinv` (the console script does not add it)
     commands = dict(COMMANDS)
-    try:
-        from .security._security import score_main
-
-        commands["score"] = score_main
-    except ImportError:  # pragma: no cover
-        pass
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         msg = "usage: jaxinv {" + ",".join(commands) + "} [options]   (jaxinv COMMAND --help for each)"
         if argv and argv[0] not in ("-h", "--help"):

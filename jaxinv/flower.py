@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import check_key
 from ._model import Model, param_paths
 
 try:
@@ -93,9 +94,8 @@ class AuditStrategy(Strategy):
                  attacks: Sequence[str] = ("copa",), attack_options: dict[str, dict] | None = None,
                  truth: Callable[[int, str, dict], Any] | None = None,
                  client_id: Callable[[Any, Any], str] | None = None, security: bool = True):
-        from .audit._audit import _check_attacks
+        from ._audit._audit import _check_attacks
         from ._fedavg import _check_steps_lr
-        from .security._security import _check_key
         from .attacks._registry import check_options
 
         if not isinstance(strategy, Strategy):
@@ -108,7 +108,7 @@ class AuditStrategy(Strategy):
         if shares == "weights":
             local_steps, local_lr = _check_steps_lr(local_steps, local_lr, "AuditStrategy")
         self.strategy, self.model, self.out_dir = strategy, model, os.fspath(out_dir)
-        self.key = _check_key(key)
+        self.key = check_key(key, "AuditStrategy", required=True)
         self.local_steps, self.local_lr, self.shares = local_steps, local_lr, shares
         self.attacks = _check_attacks(attacks)
         self.attack_options = {a: dict((attack_options or {}).get(a, {})) for a in self.attacks}
@@ -152,9 +152,9 @@ class AuditStrategy(Strategy):
     def audit_round(self, server_round: int, results: Sequence[tuple[Any, Any]]) -> dict:
         """Attack every client's result of this round and write the round's report (also in :attr:`reports`)."""
         from . import report as _report
-        from .audit._audit import _jsonable, _layer_residuals, _metrics
+        from ._audit._audit import _jsonable, _layer_residuals, _metrics
         from ._fedavg import update_as_gradient
-        from .security._security import security
+        from ._security._security import security
         from .attacks._registry import attack
 
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ import numpy as np
 from jaxtyping import ArrayLike, Float, UInt8
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .audit._audit import AuditResult
+    from ._audit._audit import AuditResult
 
 __all__ = ["BADGE_COLOURS", "HIGHLIGHT", "image_grid", "png_bytes", "render", "residual_plot", "slug"]
 

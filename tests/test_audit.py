@@ -13,8 +13,8 @@ import pytest
 
 import jaxinv
 from jaxinv import cli, data, zoo
-from jaxinv.audit._audit import AUDIT_DEFAULTS, leaking_layer, step_options
-from jaxinv.audit._targets import load_target
+from jaxinv._audit._audit import AUDIT_DEFAULTS, leaking_layer, step_options
+from jaxinv._audit._targets import load_target
 
 SHAPE = (16, 16, 3)
 

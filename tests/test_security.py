@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxinv
-from jaxinv import _security as S
+from jaxinv._security import _security as S
 from jaxinv import zoo
 from jaxinv._gradient import loss_fn
 from jaxinv._model import UnsupportedModelError
@@ -307,16 +307,16 @@ def test_bad_key_params_and_batched_grads():
 # -------------------------------------------------------------------------------------------------- CLI
 def test_score_main(capsys, tmp_path):
     out = tmp_path / "r.json"
-    assert S.score_main(["test_security:tiny_factory", "--input-shape", "8,8,2", "--json", str(out)]) == 0
+    assert jaxinv.cli.score_cmd(["test_security:tiny_factory", "--input-shape", "8,8,2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "COPA index" in printed and "verdict" in printed
     rep = json.loads(out.read_text())
     assert rep["input_shape"] == [8, 8, 2]
-    assert S.score_main(["test_security:tiny_factory", "--input-shape", "8,8,2", "--fail-under", "1000"]) == 1
-    assert S.score_main(["test_security:tiny_factory", "--input-shape", "8,8,2", "--metric", "copa",
+    assert jaxinv.cli.score_cmd(["test_security:tiny_factory", "--input-shape", "8,8,2", "--fail-under", "1000"]) == 1
+    assert jaxinv.cli.score_cmd(["test_security:tiny_factory", "--input-shape", "8,8,2", "--metric", "copa",
                          "--fail-over", "-1"]) == (0 if rep["copa_index"] <= -1 else 1)
-    assert S.score_main(["no_such_model"]) == 2
-    assert S.score_main(["test_security:tiny_factory"]) == 2  # factory targets need --input-shape
+    assert jaxinv.cli.score_cmd(["no_such_model"]) == 2
+    assert jaxinv.cli.score_cmd(["test_security:tiny_factory"]) == 2  # factory targets need --input-shape
     assert "input-shape" in capsys.readouterr().err
 
 

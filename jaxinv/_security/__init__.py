@@ -13,7 +13,7 @@ from ._security import (
     noise_propagation,
     predict_psnr,
     rgap_analysis,
-    score_main,
+
     security,
 )
 
@@ -29,6 +29,6 @@ __all__ = [
     "noise_propagation",
     "predict_psnr",
     "rgap_analysis",
-    "score_main",
+
     "security",
 ]

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray
 
+from .._checks import check_key
+from .._gradient import stacked_gradients
 from .._model import Model
 
 #: A defence: a function ``(grads, key) -> grads`` on one client's gradient pytree (one target).
@@ -106,8 +108,8 @@ def _meta(backend: str) -> dict:
 
 def run_task(task: _Task, backend: str = "local") -> list[dict]:
     """Run one task and return its rows (never raises for a model or attack that cannot run: ``error`` says why)."""
-    from ._audit import _jsonable, leaking_layer, run_attack, stacked_gradients
-    from ..security._security import security
+    from ._audit import _jsonable, leaking_layer, run_attack
+    from .._security._security import security
 
     meta = _meta(backend)
     base = {"model": task.model_name, "defence": task.defence_name}
@@ -281,9 +283,8 @@ def sweep(
     from .. import data
     from ._audit import _check_attacks, _jsonable, check_images, merged_options
     from .._gradient import check_labels, num_labels
-    from ..security._security import _check_key
 
-    key = _check_key(key)
+    key = check_key(key, "sweep", required=True)
     mods = _models(models)
     defs = _defences(defences)
     names = _check_attacks(attacks)

@@ -30,7 +30,9 @@ from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray
 from .._gradient import check_labels, client_gradient, num_labels
 from .._model import Model
 from .._result import STATUS_MESSAGES
-from ..security._security import SecurityReport, _check_key, security
+from .._checks import check_key
+from .._gradient import stacked_gradients
+from .._security._security import SecurityReport, security
 from ..attacks._registry import ATTACKS, attack, check_options
 
 #: Options :func:`audit` gives the optimisation attacks unless ``attack_options`` says otherwise: budgets that keep
@@ -452,11 +454,6 @@ def run_attack(
         layers=_layer_residuals(rec), labels_given=given)
 
 
-def stacked_gradients(model: Model, images: jax.Array, labels: jax.Array) -> Any:
-    """The ``N`` single-image gradients of ``images`` with ``labels``, stacked on a leading axis of every leaf."""
-    return jax.vmap(lambda xi, yi: client_gradient(model, xi[None], yi[None]))(images, labels)
-
-
 def _param_dtype(model: Model):
     for leaf in jax.tree_util.tree_leaves(model.params):
         if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
@@ -540,7 +537,7 @@ def audit(
     t0 = time.perf_counter()
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jaxinv.Model (from_linen / from_nnx / from_fn), got {type(model).__name__}")
-    key = _check_key(key)
+    key = check_key(key, "audit", required=True)
     names = _check_attacks(attacks)
     opts = merged_options(names, attack_options)
     shape = model.resolve_input_shape(input_shape)

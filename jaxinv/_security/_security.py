@@ -60,6 +60,8 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from scipy.linalg import lapack
 
+from .._checks import check_key
+from .._gradient import stacked_gradients
 from .._model import Model, Stage, param_paths
 
 #: Relative rank tolerance on the singular values of the balanced stacked operator.
@@ -1544,14 +1546,6 @@ def _advice(layers: tuple[LayerSecurity, ...], traced, score: float) -> tuple[Ad
 
 
 # ========================================================================================== entry point
-def _check_key(key):
-    ok = isinstance(key, jax.Array) and (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,)))
-    if not ok:
-        raise TypeError(f"key must be a JAX PRNG key such as jax.random.key(0); got {key!r}")
-    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
-
-
 def _check_finite(params):
     for path, leaf in zip(param_paths(params), jax.tree_util.tree_leaves(params)):
         if isinstance(leaf, jax.core.Tracer):
@@ -1652,7 +1646,7 @@ def security(
     t0 = time.perf_counter()
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jaxinv.Model (from_linen / from_nnx / from_fn), got {type(model).__name__}")
-    key = _check_key(key)
+    key = check_key(key, "security", required=True)
     if params is not None:
         if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(model.params) or any(
                 np.shape(a) != np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(params),
@@ -1777,7 +1771,6 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
     Returns:
         ``(gains per layer, input layer first; MSE_D)``.
     """
-    from ..audit._audit import stacked_gradients
     from ..engine._copa import copa as _copa
     from .._fedavg import local_update, update_as_gradient
     from .._gradient import num_labels
@@ -1839,61 +1832,3 @@ def _verdict_defended(score: float, name: str, clean: float) -> str:
         return f"PARTIAL: a recognisable but inexact reconstruction is expected {tail}"
     return (f"RESISTANT: the layer-wise attacks are not expected to reconstruct the input {tail}; "
             "the gradient may still reveal the label")
-
-
-# ================================================================================================ CLI
-from ..audit._targets import load_target as _load_target  # noqa: E402  (zoo name or package.module:factory)
-
-
-def score_main(argv: list[str] | None = None) -> int:
-    """``python -m jaxinv score TARGET [--input-shape 32,32,3] [--fail-under X] [--fail-over X]``.
-
-    ``TARGET`` is a zoo name (``jaxinv.zoo.names()``, built with PyTorch-default init from ``--seed``) or
-    ``package.module:factory``, an importable function returning ``(linen module, variables)`` (or a
-    :class:`jaxinv.Model`); it is called with ``key=jax.random.key(seed)`` if it takes a ``key`` argument.
-    Prints the per-layer table, indices, score, verdict and advice. Exit status: 0; 1 when the gated metric
-    (``--metric``: ``score`` = predicted attack PSNR in dB, ``copa`` or ``rgap`` index) is below ``--fail-under``
-    or above ``--fail-over`` (a privacy gate: e.g. ``--fail-over 15`` fails models expected to leak recognisable
-    images); 2 for a usage or model error.
-    """
-    import argparse
-    import json
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m jaxinv score",
-                                 description="Security of an architecture against layer-wise gradient inversion.")
-    ap.add_argument("target", help="zoo name or package.module:factory returning (linen module, variables)")
-    ap.add_argument("--input-shape", default=None, help="one input without the batch axis, e.g. 32,32,3")
-    ap.add_argument("--seed", type=int, default=0, help="PRNG seed (model init for zoo names, analysis key)")
-    ap.add_argument("--metric", choices=("score", "copa", "rgap"), default="score",
-                    help="metric the gates apply to (default: score, the predicted attack PSNR in dB)")
-    ap.add_argument("--fail-under", type=float, default=None, help="exit 1 if the metric is below this")
-    ap.add_argument("--fail-over", type=float, default=None, help="exit 1 if the metric is above this")
-    ap.add_argument("--json", default=None, help="also write the report as JSON to this path")
-    try:
-        args = ap.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
-    except ValueError:
-        print(f"error: --input-shape must be comma-separated integers, got {args.input_shape!r}", file=sys.stderr)
-        return 2
-    try:
-        model, shape = _load_target(args.target, shape, args.seed)
-        rep = security(model, input_shape=shape, key=jax.random.key(args.seed))
-    except (ValueError, TypeError) as e:  # includes UnsupportedModelError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(rep.table())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rep.to_dict(), f, indent=1)
-    value = {"score": rep.score, "copa": rep.copa_index, "rgap": rep.rgap_index}[args.metric]
-    if args.fail_under is not None and value < args.fail_under:
-        print(f"FAIL: {args.metric} {value:.4g} is below {args.fail_under:g}", file=sys.stderr)
-        return 1
-    if args.fail_over is not None and value > args.fail_over:
-        print(f"FAIL: {args.metric} {value:.4g} is above {args.fail_over:g}", file=sys.stderr)
-        return 1
-    return 0
