@@ -82,7 +82,7 @@ def quality(names, n, dtypes):
 
 def _true_layers(model, x, label):
     """Every layer's true input, pre-activation and delta_l = dl/dz_l for one image (the client's loss)."""
-    from jaxinv._gradient import loss_fn
+    from jaxinv.engine import loss_fn
 
     st = model.structure().stages
     leaves = jax.tree_util.tree_leaves(model.params)
@@ -110,8 +110,7 @@ def dense_vs_matrix_free(names):
 
     import jaxinv
     from jaxinv import data
-    from jaxinv.engine._copa import CopaOptions, _solve_layer
-    from jaxinv._maps import LayerSystem
+    from jaxinv.engine import LayerSystem, Solver, solve_layer
 
     out = []
     jax.config.update("jax_enable_x64", False)
@@ -124,7 +123,7 @@ def dense_vs_matrix_free(names):
         g = jaxinv.client_gradient(model, x, label[None])
         gl = jax.tree_util.tree_leaves(g)
         sec = jaxinv.security(model, key=jax.random.PRNGKey(0))
-        opts = CopaOptions()
+        opts = Solver()
         for layer in range(len(st) - 1):
             h, z, delta = xs[layer], zs[layer], deltas[layer]
             gW = gl[st[layer].nodes.kernel_leaf]
@@ -132,7 +131,7 @@ def dense_vs_matrix_free(names):
             @jax.jit
             def mf(z, delta, gW, layer=layer):
                 sys_ = LayerSystem.build(st[layer], leaves, delta)
-                return _solve_layer(sys_, z, gW, opts)
+                return solve_layer(sys_, z, gW, opts)
 
             t0 = time.perf_counter()
             jax.block_until_ready(mf(z, delta, gW))

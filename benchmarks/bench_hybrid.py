@@ -32,22 +32,20 @@ to [0, 1] before scoring (free for every method, so plain COPA is scored at its 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import platform
 import time
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxinv
 from jaxinv import data, metrics, zoo
-from jaxinv.engine._refine import Pullback
-from jaxinv.attacks._hybrid import hybrid
+from jaxinv import Pullback
+from jaxinv.attacks import hybrid
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 SEED_MODELS = ("cnn2_c0", "cnn2_c2", "cnn2_c4", "cnn3_c1", "cnn3_c2", "cnn4_c1")
@@ -178,7 +176,7 @@ def reference_table(quick):
 # ------------------------------------------------------------------------------------------------- (c) ReLU nets
 def _truth(model, x, label, loss):
     """True inputs x_{l-1}, pre-activations z_l and delta_l of every layer (one image)."""
-    from jaxinv._gradient import loss_fn
+    from jaxinv.engine import loss_fn
 
     st = model.structure()
     stages = st.stages
@@ -214,8 +212,7 @@ def _layer_psnr(a, b):
 
 def oracle_layers(model, x, label, loss, gleaves):
     """Per layer below the head: is the system with only the active rows determined (exact data, LSQ)?"""
-    from jaxinv.engine._copa import CopaOptions, _solve_layer
-    from jaxinv._maps import LayerSystem
+    from jaxinv.engine import LayerSystem, Solver, solve_layer
 
     stages = model.structure().stages
     leaves = jax.tree_util.tree_leaves(model.params)
@@ -228,7 +225,7 @@ def oracle_layers(model, x, label, loss, gleaves):
         @jax.jit
         def solve(z, delta, gW, mask=mask, st=st):
             sys = LayerSystem.build(st, leaves, delta)
-            return _solve_layer(sys, z, gW, CopaOptions(max_steps=6000), mask=mask)
+            return solve_layer(sys, z, gW, Solver(max_steps=6000), mask=mask)
 
         sol = solve(zs[l] * (1.0 if mask is None else mask), deltas[l], gleaves[st.nodes.kernel_leaf])
         err = _rel(sol[0], xs[l])
@@ -241,20 +238,10 @@ def oracle_layers(model, x, label, loss, gleaves):
 
 def chain(model, grads, labels, pullback):
     """COPA's fold over a stack of targets, keeping every layer's recovered input."""
-    from jaxinv.engine._copa import CopaOptions, _down_jit, _head_jit
-
     st = model.structure()
-    gleaves = jax.tree_util.tree_leaves(grads)
-    opts = CopaOptions(loss="logistic" if model.num_outputs == 1 else "cross_entropy")
-    head = eqx.filter_vmap(functools.partial(_head_jit, model, st), in_axes=(0, 0, None))
-    x, gx, _, _ = head(gleaves, labels, opts)
-    outs = {len(st.stages) - 1: x}
-    for l in reversed(range(len(st.stages) - 1)):
-        kw = {} if pullback is None else {"pullback": pullback}
-        d = eqx.filter_vmap(functools.partial(_down_jit, model, st, l, **kw), in_axes=(0, 0, 0, None))
-        x, gx, _ = d(gleaves, x, gx, opts)
-        outs[l] = x
-    return outs
+    rec = jaxinv.copa(model, grads, label=labels, refine=False if pullback is None else pullback)
+    return {l: x.reshape((x.shape[0],) + tuple(s.nodes.x_in.shape)) for l, (x, s) in enumerate(zip(rec.layer_inputs,
+                                                                                               st.stages))}
 
 
 def relu_table(names, n, quick):

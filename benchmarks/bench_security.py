@@ -9,9 +9,10 @@
     fitted on the zoo rows only; the variants are held out.
 (c) Timing of a ResNet-style stem (3x224x224 input, conv 7x7, stride 2, 64 channels, padding 3).
 
-Run from the repository root:  python benchmarks/bench_security.py [--fresh] [--skip-attacks]
+Run from the repository root:  python benchmarks/bench_security.py [--fresh] [--skip-attacks] [--quick]
 Writes benchmarks/out/security.json, benchmarks/out/security.md and benchmarks/out/security_scatter.png.
 Attack results are cached in benchmarks/out/security_attacks.json (--fresh recomputes them).
+``--quick`` runs (a) and (c) only (no attacks), prints the COPA-index matches and the total time, writes nothing.
 """
 
 from __future__ import annotations
@@ -289,14 +290,30 @@ def scatter(res: dict):
     fig.savefig(OUT / "security_scatter.png", dpi=120)
 
 
+def quick():
+    """(a) and (c) without writing: the reference COPA indices and the time of the analyses."""
+    t = time.perf_counter()
+    a, c = part_a(), part_c()
+    matched = [r["match"] for r in a if r["match"] is not None]
+    wall = sum(r["seconds"] for r in a + c)
+    cpu = sum(r["cpu_seconds"] for r in a + c)
+    print(f"quick: COPA index {sum(matched)}/{len(matched)} references matched; security() {wall:.1f} s wall "
+          f"({cpu:.1f} s CPU) over {len(a) + len(c)} models; whole run {time.perf_counter() - t:.1f} s", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fresh", action="store_true", help="recompute the attack PSNRs")
     ap.add_argument("--skip-attacks", action="store_true", help="only use cached attack PSNRs")
     ap.add_argument("--parts", default="abc")
+    ap.add_argument("--quick", action="store_true",
+                    help="(a) and (c) only, no attacks; print the index matches and the total time, write nothing")
     ap.add_argument("--attacks", default="copa",
                     help="comma-separated registry attacks; the PSNR of an image is the best of them (default copa)")
     args = ap.parse_args()
+    if args.quick:
+        quick()
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; "
                       f"load average at start {os.getloadavg()[0]:.1f}"}

@@ -1,22 +1,30 @@
 """jaxinv: can a shared gradient be turned back into the training image, which layer makes it possible, and how
-secure is the model? Layer-wise gradient inversion (COPA, R-GAP) and security audits in JAX."""
+secure is the model? Layer-wise gradient inversion (COPA, R-GAP) and security audits in JAX.
 
-__version__ = "0.1.0"
+The submodules ``attacks``, ``cli``, ``data``, ``defences``, ``engine``, ``flower``, ``metrics``, ``report`` and
+``zoo`` are attributes of the package, imported on first use (``import jaxinv; jaxinv.zoo.names()``).
+"""
+
+import importlib
 
 from . import attacks, defences
 from ._activations import Activation
-from ._audit._audit import AttackResult, AuditResult, LeakingLayer, audit
-from .engine._refine import Pullback
-from .engine._copa import copa
+from ._audit import AttackResult, AuditResult, Execution, LeakingLayer, audit, sweep
+from ._client import Client
 from ._fedavg import local_update, update_as_gradient
 from ._gradient import client_gradient, num_labels
 from ._labels import HeadNotInvertibleError, recover_label, recover_labels
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
-from ._security._security import LayerSecurity, SecurityReport, security
+from ._results import RESULTS
+from ._security import LayerSecurity, SecurityReport, security
 from ._sharding import shard_targets, target_mesh
-from ._audit._sweep import sweep
+from ._version import __version__
 from .attacks import ATTACKS, attack
+from .engine import Pullback, copa
+
+# submodules reachable as attributes of the package, imported when first used
+_SUBMODULES = ("attacks", "cli", "data", "defences", "engine", "flower", "metrics", "report", "zoo")
 
 __all__ = [
     "ATTACKS",
@@ -32,10 +40,13 @@ __all__ = [
     "SecurityReport",
     "LayerSecurity",
     "Activation",
+    "Client",
+    "Execution",
     "Layer",
     "LayerReport",
     "Model",
     "Reconstruction",
+    "RESULTS",
     "UnsupportedModelError",
     "HeadNotInvertibleError",
     "client_gradient",
@@ -53,3 +64,14 @@ __all__ = [
     "from_linen",
     "from_nnx",
 ]
+
+
+def __getattr__(name: str):
+    """``jaxinv.zoo`` and the other submodules, imported on first access (PEP 562)."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))

@@ -23,7 +23,7 @@ from ._gradient import check_labels, loss_fn
 from ._model import Model
 
 
-def _check_steps_lr(steps, lr, where: str) -> tuple[int, float]:
+def check_steps_lr(steps, lr, where: str) -> tuple[int, float]:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"{where}: steps must be a positive integer (the client's local SGD steps K), got {steps!r}")
     if lr is None:
@@ -53,7 +53,7 @@ def local_update(
         >>> upd = jaxinv.local_update(model, x[:1], jnp.array([3]), steps=5, lr=0.01)
         >>> rec = jaxinv.copa(model, jaxinv.update_as_gradient(upd, steps=5, lr=0.01))
     """
-    steps, lr = _check_steps_lr(steps, lr, "local_update")
+    steps, lr = check_steps_lr(steps, lr, "local_update")
     x, y = jnp.asarray(x), jnp.asarray(y).reshape(-1)
     if x.ndim < 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x (shape {tuple(x.shape)}) must have a batch axis first matching y (shape {tuple(y.shape)})")
@@ -74,5 +74,5 @@ def update_as_gradient(update: PyTree, *, steps: int, lr: float) -> PyTree:
 
     Exact for one local step; for :math:`K` steps it is the mean gradient along the client's trajectory.
     """
-    steps, lr = _check_steps_lr(steps, lr, "update_as_gradient")
+    steps, lr = check_steps_lr(steps, lr, "update_as_gradient")
     return jax.tree_util.tree_map(lambda d: -d / (steps * lr), update)

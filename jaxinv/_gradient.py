@@ -6,7 +6,7 @@ A client with images ``x`` (batch ``B``) and labels ``y`` shares
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import equinox as eqx
 import jax
@@ -187,3 +187,36 @@ def validate_grads(model: Model, grads: PyTree, *, allow_batch: bool = True) -> 
 def stacked_gradients(model: Model, images: jax.Array, labels: jax.Array) -> Any:
     """The ``N`` single-image gradients of ``images`` with ``labels``, stacked on a leading axis of every leaf."""
     return jax.vmap(lambda xi, yi: client_gradient(model, xi[None], yi[None]))(images, labels)
+
+
+def relative_distance(g_hat: list[Array], g: list[Array]) -> Float[Array, ""]:
+    r"""The truth-free check every attack reports: :math:`\|\hat g - g\|_2 / \|g\|_2` over all leaves.
+
+    Example:
+        >>> float(relative_distance([jnp.ones(3)], [2 * jnp.ones(3)]))
+        0.5
+    """
+    tiny = jnp.finfo(jnp.result_type(*g)).tiny
+    num = sum(jnp.sum((u - v) ** 2) for u, v in zip(g_hat, g))
+    den = sum(jnp.sum(v * v) for v in g)
+    return jnp.sqrt(num) / jnp.maximum(jnp.sqrt(den), tiny)
+
+
+def gradient_distance(model: Model, images: Array, labels: Array, gleaves: list[Array], loss: str,
+                      n_out: int) -> Float[Array, ""]:
+    r""":func:`relative_distance` between the gradient that ``images`` (``(B, *input_shape)``, all behind one
+    gradient) with ``labels`` (``(B,)``, or masks ``(B, H, W)``) produce and the shared one, ``gleaves``."""
+    lf = loss_fn(loss, n_out)
+    g_hat = jax.tree_util.tree_leaves(jax.grad(lambda p: lf(model.apply_fn(p, images), labels))(model.params))
+    return relative_distance(g_hat, gleaves)
+
+
+@eqx.filter_jit
+def target_distances(model: Model, images: Array, labels: Array, gleaves: list[Array], loss: str, n_out: int,
+                     stacked: bool) -> Float[Array, " T"]:
+    """:func:`gradient_distance` per target: ``T`` stacked single-image targets (``images`` ``(T, *shape)``,
+    ``labels`` ``(T, ...)``, every leaf of ``gleaves`` with a leading ``T``), or one target (a ``(1,)`` result)."""
+    if stacked:
+        return jax.vmap(lambda i, y, g: gradient_distance(model, i[None], y[None], g, loss, n_out))(
+            images, labels, gleaves)
+    return gradient_distance(model, images, labels, gleaves, loss, n_out)[None]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import lineax as lx
 
 from ._model import Stage
+from ._results import RESULTS
 
 
 def _vdot(a, b):
@@ -114,8 +115,8 @@ def operator_norm(fn: Callable, x_struct, iters: int = 12):
 
 
 def solver_status(result) -> jax.Array:
-    """lineax's result as a jaxinv status code (see ``STATUS_MESSAGES``)."""
+    """lineax's result as a :class:`jaxinv.RESULTS` code (an int32 array: it lives under ``jit`` and ``vmap``)."""
     R = lx.RESULTS
-    return jnp.where(
-        result == R.successful, 0, jnp.where(result == R.max_steps_reached, 1, jnp.where(result == R.nonfinite_input, 4, 2))
-    ).astype(jnp.int32)
+    code = jnp.where(result == R.max_steps_reached, int(RESULTS.max_steps_reached),
+                     jnp.where(result == R.nonfinite_input, int(RESULTS.nonfinite), int(RESULTS.breakdown)))
+    return jnp.where(result == R.successful, int(RESULTS.successful), code).astype(jnp.int32)

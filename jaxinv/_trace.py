@@ -16,7 +16,7 @@ is reported with where it comes from.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -477,26 +477,23 @@ def segment(g: Graph) -> list[StageNodes]:
     return stages
 
 
-def _ancestors(n: Node) -> set:
+def _reachable(n: Node, step: Callable[[Node], Iterable[Node]]) -> set:
+    """Every node reachable from ``n`` (itself included) by repeatedly following ``step``."""
     seen, stack = set(), [n]
     while stack:
         m = stack.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        stack.extend(i for i in m.inputs if i.dep_input)
+        if m not in seen:
+            seen.add(m)
+            stack.extend(step(m))
     return seen
+
+
+def _ancestors(n: Node) -> set:
+    return _reachable(n, lambda m: (i for i in m.inputs if i.dep_input))
 
 
 def _descendants(n: Node) -> set:
-    seen, stack = set(), [n]
-    while stack:
-        m = stack.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        stack.extend(m.consumers)
-    return seen
+    return _reachable(n, lambda m: m.consumers)
 
 
 def _between(a: Node, b: Node) -> set:

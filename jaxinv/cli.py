@@ -22,16 +22,28 @@ Exit codes: 0 success; 1 a gate failed (``score --fail-under/--fail-over`` on th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from ._audit import load_target
+from . import data, metrics, zoo
+from ._audit import audit, jsonable, load_target, merged_options, param_dtype, ray_module, run_attack
+from ._audit import step_options, sweep
+from ._gradient import num_labels, stacked_gradients
+from ._model import Model, from_linen
 from ._security import security
-from .report import image_grid as _images_grid
+from ._version import __version__
+from .attacks import ATTACKS
+from .engine import copa
+from .report import slug, write_grid
 
 
 def demo(argv=None) -> int:
@@ -45,17 +57,8 @@ def demo(argv=None) -> int:
     ap.add_argument("--x64", action="store_true", help="float64 (default float32)")
     args = ap.parse_args(argv)
 
-    import jax
-
     if args.x64:
         jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-    import numpy as np
-    from skimage import io
-
-    import jaxinv
-    from jaxinv import data, metrics, zoo
-
     names = [s for s in args.models.split(",") if s]
     unknown = [s for s in names if s not in zoo.names()]
     if unknown:
@@ -64,7 +67,7 @@ def demo(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     key = jax.random.PRNGKey(args.seed)
     photos = data.sample_images(args.n, size=32, key=key)
-    print(f"jaxinv {jaxinv.__version__} on {jax.default_backend()} — COPA on {args.n} bundled photos "
+    print(f"jaxinv {__version__} on {jax.default_backend()} — COPA on {args.n} bundled photos "
           f"({'float64' if args.x64 else 'float32'}); PSNR in dB on [0, 1] images (data range 1)\n")
     header = f"{'model':<13} {'layers (input first): d = determined, D = deficient':<52} {'PSNR':>6} {'SSIM':>6} {'sec':>6}"
     print(header)
@@ -73,25 +76,25 @@ def demo(argv=None) -> int:
     for name in names:
         module, variables = zoo.build(name, key=jax.random.PRNGKey(10))
         shape = zoo.input_shape(name)
-        model = jaxinv.from_linen(module, variables, input_shape=shape, name=name)
+        model = from_linen(module, variables, input_shape=shape, name=name)
         dtype = jnp.float64 if args.x64 else jnp.float32
         if args.x64:
-            model = jaxinv.from_linen(module, jax.tree_util.tree_map(lambda a: a.astype(dtype), variables),
-                                      input_shape=shape, name=name)
+            model = from_linen(module, jax.tree_util.tree_map(lambda a: a.astype(dtype), variables),
+                               input_shape=shape, name=name)
         x = photos.astype(dtype)
         if shape[-1] == 1:
             x = x.mean(-1, keepdims=True)
         x = jax.image.resize(x, (x.shape[0],) + shape, "linear")
-        labels = jax.random.randint(jax.random.fold_in(key, 1), (args.n,), 0, jaxinv.num_labels(model))
-        grads = jax.vmap(lambda xi, yi: jaxinv.client_gradient(model, xi[None], yi[None]))(x, labels)
+        labels = jax.random.randint(jax.random.fold_in(key, 1), (args.n,), 0, num_labels(model))
+        grads = stacked_gradients(model, x, labels)
         t0 = time.perf_counter()
-        rec = jaxinv.copa(model, grads, label=labels)
+        rec = copa(model, grads, label=labels)
         jax.block_until_ready(rec.image)
         secs = time.perf_counter() - t0  # all images, compilation included
         p = metrics.psnr(rec.image, x)
         s = metrics.ssim(rec.image, x)
         try:
-            rep = jaxinv.security(model, key=jax.random.PRNGKey(0))
+            rep = security(model, key=jax.random.PRNGKey(0))
             pattern = " ".join("d" if l.deficiency == 0 else f"D{l.deficiency}" for l in rep.layers)
         except AttributeError:  # metric not available: count rows against unknowns
             pattern = " ".join("d" if r.forward_rows + r.gradient_rows >= r.unknowns else "D" for r in rec.layers)
@@ -101,8 +104,7 @@ def demo(argv=None) -> int:
                         "label_recovered": np.asarray(rec.label).tolist()})
         img = rec.image if shape[-1] == 3 else jnp.repeat(rec.image, 3, -1)
         rows.append(jax.image.resize(img, photos.shape, "nearest"))
-    grid = os.path.join(args.out, "demo_grid.png")
-    io.imsave(grid, _images_grid(rows), check_contrast=False)
+    grid = write_grid(os.path.join(args.out, "demo_grid.png"), rows)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nrow 1: the photos; rows 2-{len(rows)}: reconstructions by model ({', '.join(names)})")
@@ -115,18 +117,13 @@ def zoo_cmd(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jaxinv zoo", description=zoo_cmd.__doc__)
     ap.add_argument("name", nargs="?", help="show one model's layers")
     args = ap.parse_args(argv)
-    import jax
-
-    import jaxinv
-    from jaxinv import zoo
-
     names = [args.name] if args.name else zoo.names()
     for n in names:
         if n not in zoo.names():
             print(f"jaxinv zoo: unknown model {n!r}; available: {', '.join(zoo.names())}", file=sys.stderr)
             return 2
         module, variables = zoo.build(n, key=jax.random.PRNGKey(0))
-        model = jaxinv.from_linen(module, variables, input_shape=zoo.input_shape(n), name=n)
+        model = from_linen(module, variables, input_shape=zoo.input_shape(n), name=n)
         print(f"{n}:")
         for layer in model.layers():
             print("   ", layer.describe())
@@ -214,14 +211,21 @@ def _options_arg(items: list[str], attacks: tuple[str, ...], qualified: bool) ->
     return out
 
 
-def _check_options(options: dict) -> None:
-    from .attacks._registry import check_options
 
-    for name, opts in options.items():
-        try:
-            check_options(name, opts)
-        except TypeError as e:
-            raise _BadInput(f"--option: {e}") from None
+def _attack_options(args, attacks: tuple[str, ...], qualified: bool) -> dict:
+    """``--steps`` and ``--option`` -> ``{attack: {key: value}}``, checked by the registry over the audit's
+    defaults (a usage error names the option)."""
+    options = _options_arg(args.option, attacks, qualified)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise _BadInput(f"--steps must be a positive integer, got {args.steps}")
+        steps = step_options(attacks, args.steps)
+        options = {a: {**steps.get(a, {}), **options.get(a, {})} for a in attacks if a in steps or a in options}
+    try:
+        merged_options(attacks, options)
+    except TypeError as e:
+        raise _BadInput(f"--option: {e}") from None
+    return options
 
 
 def _common_args(ap: argparse.ArgumentParser) -> None:
@@ -243,10 +247,21 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
                     help="exit 1 if an attack's mean PSNR exceeds DB (a privacy gate on the measured leakage)")
 
 
+
+
+def _command_parser(prog: str, description: str, example: str, *, attack_name: bool = False) -> _Parser:
+    """The parser of ``audit`` / ``attack``: their description, the MODEL contract, an example and the exit codes,
+    with the arguments they share (:func:`_common_args`), after the attack's NAME when ``attack_name``."""
+    ap = _Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                 description=description + "\n\n" + _MODEL_HELP, epilog=f"example: {example}\n" + _EXIT_HELP)
+    if attack_name:
+        ap.add_argument("name", metavar="NAME", help="the attack (jaxinv.ATTACKS: copa, rgap, dlg, idlg, ig, hybrid)")
+    _common_args(ap)
+    return ap
+
+
 def _prepare(args, cmd: str):
     """Validate the shared arguments, load the model and the images: (model, shape, images, labels, source, device)."""
-    import jax
-
     if args.n < 1:
         raise _BadInput(f"--n must be a positive integer, got {args.n}")
     shape = _shape_arg(args.input_shape)
@@ -258,7 +273,6 @@ def _prepare(args, cmd: str):
             device = jax.devices(args.device)[0]
         except RuntimeError as e:
             raise _BadInput(f"--device {args.device}: not available ({str(e).splitlines()[0]})") from None
-    import contextlib
 
     def ctx():
         return jax.default_device(device) if device is not None else contextlib.nullcontext()
@@ -266,28 +280,19 @@ def _prepare(args, cmd: str):
     with ctx():
         model, shape = _load_model(args.model, shape, args.seed, args.x64)
         images, labels, source = _load_images(args.images, args.n, shape, args.seed)
-    import jaxinv
-
-    if labels is not None and int(labels.max()) >= jaxinv.num_labels(model, shape):
+    if labels is not None and int(labels.max()) >= num_labels(model, shape):
         print(f"{cmd}: note: the dataset's labels reach {int(labels.max())} but MODEL has "
-              f"{jaxinv.num_labels(model, shape)} classes: using random labels", file=sys.stderr)
+              f"{num_labels(model, shape)} classes: using random labels", file=sys.stderr)
         labels = None
     return model, shape, images, labels, source, ctx
 
 
 def _load_model(target: str, shape, seed: int, x64: bool):
-    import jax
-
-    from ._model import Model
-    from ._audit._targets import load_target
-
     try:
         model, shape = load_target(target, shape, seed)
     except ValueError as e:  # includes UnsupportedModelError
         raise _BadInput(f"MODEL: {e}") from None
     if x64:
-        import jax.numpy as jnp
-
         params = jax.tree_util.tree_map(
             lambda a: a.astype(jnp.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, model.params)
         model = Model(model.apply_fn, params, name=model.name, input_shape=shape, strict=model.strict)
@@ -296,10 +301,6 @@ def _load_model(target: str, shape, seed: int, x64: bool):
 
 def _load_images(spec: str, n: int, shape: tuple[int, ...], seed: int):
     """``--images`` -> (images ``(n, *shape)`` in [0, 1], labels or None, source description)."""
-    import jax
-
-    from . import data
-
     if len(shape) != 3 or shape[-1] not in (1, 3):
         raise _BadInput(f"--images: MODEL must take images (H, W, C) with C = 1 or 3; its input shape is {shape}")
     H, W, C = shape
@@ -324,15 +325,23 @@ def _load_images(spec: str, n: int, shape: tuple[int, ...], seed: int):
     return data.fit_images(x, shape), labels, source
 
 
-def _run(cmd: str, fn, argv) -> int:
-    """Run a command body, turning usage errors into one stderr line and exit 2."""
-    try:
-        return fn(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
-        return int(e.code or 0)
-    except _BadInput as e:
-        print(f"{cmd}: error: {e}", file=sys.stderr)
-        return 2
+def _command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[..., int]]:
+    """Decorator of a command's body: usage errors become one line on stderr (``prog: error: ...``) and exit 2."""
+
+    def wrap(body):
+        @functools.wraps(body)
+        def command(argv: list[str] | None = None) -> int:
+            try:
+                return body(argv)
+            except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
+                return int(e.code or 0)
+            except _BadInput as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 2
+
+        return command
+
+    return wrap
 
 
 def _gate(value: float, limit: float | None, what: str) -> int:
@@ -342,20 +351,15 @@ def _gate(value: float, limit: float | None, what: str) -> int:
     return 0
 
 
+@_command("jaxinv audit")
 def audit_cmd(argv=None) -> int:
     """Audit a model: security report plus real attacks on real images; writes a self-contained HTML report."""
-    return _run("jaxinv audit", _audit, argv)
-
-
-def _audit(argv) -> int:
-    ap = _Parser(prog="jaxinv audit", formatter_class=argparse.RawDescriptionHelpFormatter,
-                 description="Audit a model against gradient inversion: the layer-wise security analysis (ranks, "
-                             "indices, verdict, advice) and real attacks on each image's single-image gradient, "
-                             "scored against the truth. Writes OUT/report.html (self-contained), OUT/metrics.json "
-                             "and PNG grids.\n\n" + _MODEL_HELP,
-                 epilog="example: jaxinv audit cnn3_c1 --images bundled --n 4 --attacks copa,ig --steps 300 "
-                        "--out report/\n" + _EXIT_HELP)
-    _common_args(ap)
+    ap = _command_parser(
+        "jaxinv audit",
+        "Audit a model against gradient inversion: the layer-wise security analysis (ranks, indices, verdict, "
+        "advice) and real attacks on each image's single-image gradient, scored against the truth. Writes "
+        "OUT/report.html (self-contained), OUT/metrics.json and PNG grids.",
+        "jaxinv audit cnn3_c1 --images bundled --n 4 --attacks copa,ig --steps 300 --out report/")
     ap.add_argument("--attacks", default="copa,hybrid,ig",
                     help="comma-separated attacks (jaxinv.ATTACKS: copa, rgap, dlg, idlg, ig, hybrid)")
     ap.add_argument("--option", action="append", default=[], metavar="ATTACK.KEY=VALUE",
@@ -363,28 +367,17 @@ def _audit(argv) -> int:
     ap.add_argument("--out", default="report", help="output folder (default: report)")
     args = ap.parse_args(argv)
 
-    import jaxinv
-    from ._audit._audit import step_options
-
     attacks = tuple(dict.fromkeys(a.strip() for a in args.attacks.split(",") if a.strip()))
-    bad = [a for a in attacks if a not in jaxinv.ATTACKS]
+    bad = [a for a in attacks if a not in ATTACKS]
     if bad or not attacks:
         what = f"unknown attack {bad[0]!r}" if bad else "no attack given"
-        raise _BadInput(f"--attacks: {what}; the registered attacks are: {', '.join(jaxinv.ATTACKS)}")
-    options = _options_arg(args.option, attacks, qualified=True)
-    if args.steps is not None:
-        if args.steps < 1:
-            raise _BadInput(f"--steps must be a positive integer, got {args.steps}")
-        steps = step_options(attacks, args.steps)
-        options = {a: {**steps.get(a, {}), **options.get(a, {})} for a in attacks if a in steps or a in options}
-    _check_options(options)
+        raise _BadInput(f"--attacks: {what}; the registered attacks are: {', '.join(ATTACKS)}")
+    options = _attack_options(args, attacks, qualified=True)
     model, shape, images, labels, source, ctx = _prepare(args, "jaxinv audit")
-    import jax
-
     with ctx():
         try:
-            res = jaxinv.audit(model, images, labels=labels, attacks=attacks, key=jax.random.key(args.seed),
-                               attack_options=options, input_shape=shape, progress=_Progress(), source=source)
+            res = audit(model, images, labels=labels, attacks=attacks, key=jax.random.key(args.seed),
+                        attack_options=options, input_shape=shape, progress=_Progress(), source=source)
         except (ValueError, TypeError) as e:  # option types, labels: say which
             raise _BadInput(str(e).splitlines()[0]) from None
     paths = res.save(args.out)
@@ -397,51 +390,30 @@ def _audit(argv) -> int:
     return _gate(res.best_psnr, args.fail_over, "best attack mean PSNR")
 
 
+@_command("jaxinv attack")
 def attack_cmd(argv=None) -> int:
     """Run one attack on real images' single-image gradients; writes a PNG grid and a JSON."""
-    return _run("jaxinv attack", _attack, argv)
-
-
-def _attack(argv) -> int:
-    ap = _Parser(prog="jaxinv attack", formatter_class=argparse.RawDescriptionHelpFormatter,
-                 description="Run one gradient-inversion attack on the single-image gradients of real images and "
-                             "score it against them. Writes OUT/attack_NAME.png (true images on top, "
-                             "reconstructions below) and OUT/attack_NAME.json.\n\n" + _MODEL_HELP,
-                 epilog="example: jaxinv attack copa cnn2_c1 --n 4 --out attack/\n" + _EXIT_HELP)
-    ap.add_argument("name", metavar="NAME", help="the attack (jaxinv.ATTACKS: copa, rgap, dlg, idlg, ig, hybrid)")
-    _common_args(ap)
+    ap = _command_parser(
+        "jaxinv attack",
+        "Run one gradient-inversion attack on the single-image gradients of real images and score it against "
+        "them. Writes OUT/attack_NAME.png (true images on top, reconstructions below) and OUT/attack_NAME.json.",
+        "jaxinv attack copa cnn2_c1 --n 4 --out attack/", attack_name=True)
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="an attack option, VALUE as JSON or text, e.g. tv_weight=1e-4 (repeatable)")
     ap.add_argument("--out", default="attack", help="output folder (default: attack)")
     args = ap.parse_args(argv)
 
-    import jaxinv
-    from . import report
-    from ._audit._audit import AUDIT_DEFAULTS, _jsonable, _param_dtype, run_attack, step_options
-    from ._gradient import stacked_gradients
-
-    if args.name not in jaxinv.ATTACKS:
-        raise _BadInput(f"NAME: unknown attack {args.name!r}; the registered attacks are: {', '.join(jaxinv.ATTACKS)}")
-    options = dict(AUDIT_DEFAULTS.get(args.name, {}))
-    if args.steps is not None:
-        if args.steps < 1:
-            raise _BadInput(f"--steps must be a positive integer, got {args.steps}")
-        options.update(step_options((args.name,), args.steps).get(args.name, {}))
-    options.update(_options_arg(args.option, (args.name,), qualified=False).get(args.name, {}))
-    _check_options({args.name: options})
+    if args.name not in ATTACKS:
+        raise _BadInput(f"NAME: unknown attack {args.name!r}; the registered attacks are: {', '.join(ATTACKS)}")
+    options = merged_options((args.name,), _attack_options(args, (args.name,), qualified=False))[args.name]
     model, shape, images, labels, source, ctx = _prepare(args, "jaxinv attack")
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     progress = _Progress()
     key = jax.random.key(args.seed)
     with ctx():
-        dtype = _param_dtype(model)
+        dtype = param_dtype(model)
         x = images.astype(dtype)
         if labels is None:
-            labels = jax.random.randint(jax.random.fold_in(key, 1), (x.shape[0],), 0,
-                                        jaxinv.num_labels(model, shape))
+            labels = jax.random.randint(jax.random.fold_in(key, 1), (x.shape[0],), 0, num_labels(model, shape))
         labels = jnp.asarray(labels, jnp.int32)
         progress(0, 2, f"gradients of {x.shape[0]} image(s)")
         grads = stacked_gradients(model, x, labels)
@@ -453,13 +425,12 @@ def _attack(argv) -> int:
             raise _BadInput(str(e).splitlines()[0]) from None
         progress(2, 2, "done")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"attack_{report.slug(args.name)}")
+    stem = os.path.join(args.out, f"attack_{slug(args.name)}")
     if res.images is not None:
-        with open(stem + ".png", "wb") as f:
-            f.write(report.png_bytes(report.image_grid([np.asarray(x, np.float32), res.images])))
-    out = _jsonable({"jaxinv_version": jaxinv.__version__, "model": model.name, "input_shape": list(shape),
-                     "dtype": str(dtype), "source": source, "n_images": int(x.shape[0]),
-                     "true_labels": np.asarray(labels), **res.to_dict()})
+        write_grid(stem + ".png", [np.asarray(x, np.float32), res.images])
+    out = jsonable({"jaxinv_version": __version__, "model": model.name, "input_shape": list(shape),
+                    "dtype": str(dtype), "source": source, "n_images": int(x.shape[0]),
+                    "true_labels": np.asarray(labels), **res.to_dict()})
     with open(stem + ".json", "w") as f:
         json.dump(out, f, indent=1)
     if args.json:
@@ -475,12 +446,9 @@ def _attack(argv) -> int:
     return _gate(res.mean_psnr, args.fail_over, f"{args.name} mean PSNR")
 
 
+@_command("jaxinv sweep")
 def sweep_cmd(argv=None) -> int:
     """Run models x images x attacks, one JSONL row per run (resumable), locally or on a Ray cluster."""
-    return _run("jaxinv sweep", _sweep, argv)
-
-
-def _sweep(argv) -> int:
     ap = _Parser(prog="jaxinv sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
                  description="Run every model x image x attack (jaxinv.sweep): one JSONL row per run and one security "
                              "row per model, appended as tasks finish; run it again to finish an interrupted sweep.")
@@ -499,11 +467,6 @@ def _sweep(argv) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="sweep.jsonl", help="JSONL file (default sweep.jsonl)")
     args = ap.parse_args(argv)
-    import jax
-
-    import jaxinv
-
-    from ._audit._audit import step_options
 
     if args.n < 1:
         raise _BadInput(f"--n must be a positive integer, got {args.n}")
@@ -515,11 +478,9 @@ def _sweep(argv) -> int:
         images = _load_images(args.images, args.n, (args.size, args.size, 3), args.seed)[0]
     if args.backend == "ray":
         try:
-            import ray
+            ray_module(args.address, connect=True)
         except ImportError:
             raise _BadInput("--backend ray needs Ray: pip install 'jaxinv[ray]'") from None
-        if not ray.is_initialized():
-            ray.init(address=args.address)
     opts = step_options(attacks, args.steps) if args.steps else None
     tty = sys.stderr.isatty() and not os.environ.get("CI")
 
@@ -528,9 +489,9 @@ def _sweep(argv) -> int:
             print(f"\r{i}/{n} {t['model']} {t['attack'] or 'security'} {t['defence']}", end="", file=sys.stderr)
 
     try:
-        rows = jaxinv.sweep(models, images, out=args.out, key=jax.random.key(args.seed), attacks=attacks,
-                            attack_options=opts, security=not args.no_security, chunk=args.chunk,
-                            backend=args.backend, progress=progress)
+        rows = sweep(models, images, out=args.out, key=jax.random.key(args.seed), attacks=attacks,
+                     attack_options=opts, security=not args.no_security, chunk=args.chunk,
+                     backend=args.backend, progress=progress)
     except (ValueError, TypeError) as e:
         raise _BadInput(str(e).splitlines()[0]) from None
     if tty:
@@ -544,8 +505,6 @@ def _sweep(argv) -> int:
             print(f"{m:<24} {a:<8} mean PSNR {sum(p) / len(p):7.2f} dB over {len(p)} image(s)" if p else
                   f"{m:<24} {a:<8} no successful run")
     return 0
-
-
 def score_cmd(argv: list[str] | None = None) -> int:
     """``python -m jaxinv score TARGET [--input-shape 32,32,3] [--fail-under X] [--fail-over X]``.
 

@@ -36,8 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_key
+from ._audit import check_attacks, check_client, client_keywords, error_text, image_scores, jsonable, layer_residuals
+from ._audit import merged_options
+from ._checks import check_key, merge_options, no_more_keywords
+from ._client import Client
+from ._fedavg import update_as_gradient
 from ._model import Model, param_paths
+from ._security import security as security_report
+from .attacks import attack
+from .report import slug, write_grid
 
 try:
     from flwr.common import parameters_to_ndarrays
@@ -68,7 +75,7 @@ def arrays_to_params(arrays: Sequence[np.ndarray], like: Any, *, where: str = "a
 
 
 class AuditStrategy(Strategy):
-    """A Flower strategy that audits every client's update before the wrapped strategy aggregates it.
+    r"""A Flower strategy that audits every client's update before the wrapped strategy aggregates it.
 
     Args:
         strategy: the Flower strategy to wrap (it does all the federated work).
@@ -76,9 +83,14 @@ class AuditStrategy(Strategy):
             them).
         out_dir: where the per-round reports go.
         key: JAX PRNG key (the attacks' random starts, the security probes).
-        local_steps, local_lr: the clients' local SGD steps and learning rate (FedAvg); ``shares="gradient"`` when
-            clients send gradients instead of weights.
-        attacks: attacks from :data:`jaxinv.ATTACKS` run on each update; ``attack_options``: their options.
+        client: the clients' setting (:class:`jaxinv.Client`): with ``shares="weights"`` (clients return new weights)
+            ``local_steps`` :math:`K` and ``local_lr`` :math:`\eta` (required) read each update as the gradient
+            :math:`-\Delta/(K\eta)`; the security report and the attacks assume the whole setting (loss, batch size,
+            local steps). Its fields are also accepted as keywords (``local_steps=1, local_lr=0.1``).
+        shares: ``"weights"``, or ``"gradient"`` when clients send gradients instead of weights (then
+            ``local_steps`` must be 1).
+        attacks: attacks from :data:`jaxinv.ATTACKS` run on each update; ``attack_options``: their options (over
+            the client's setting).
         truth: optional ``truth(server_round, client_id, fit_metrics) -> (images, labels) | None``: the client's data
             when the experimenter knows it (simulations), to score the reconstructions.
         client_id: ``client_id(client_proxy, fit_res) -> str`` (default: ``fit_res.metrics["cid"]`` if the client
@@ -90,14 +102,12 @@ class AuditStrategy(Strategy):
     """
 
     def __init__(self, strategy: Strategy, model: Model, *, out_dir: str | os.PathLike[str], key: Any,
-                 local_steps: int = 1, local_lr: float | None = None, shares: str = "weights",
-                 attacks: Sequence[str] = ("copa",), attack_options: dict[str, dict] | None = None,
-                 truth: Callable[[int, str, dict], Any] | None = None,
-                 client_id: Callable[[Any, Any], str] | None = None, security: bool = True):
-        from ._audit._audit import _check_attacks
-        from ._fedavg import _check_steps_lr
-        from .attacks._registry import check_options
-
+                 client: Client | None = None, shares: str = "weights", attacks: Sequence[str] = ("copa",),
+                 attack_options: dict[str, dict] | None = None, truth: Callable[[int, str, dict], Any] | None = None,
+                 client_id: Callable[[Any, Any], str] | None = None, security: bool = True, **kwargs: Any):
+        client = merge_options(client, Client, kwargs, "AuditStrategy")
+        no_more_keywords(kwargs, "AuditStrategy", "its own and the fields of jaxinv.Client (loss, batch_size, "
+                                                  "local_steps, local_lr)")
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a flwr.server.strategy.Strategy (e.g. FedAvg), got "
                             f"{type(strategy).__name__}")
@@ -105,15 +115,19 @@ class AuditStrategy(Strategy):
             raise TypeError(f"model must be a jaxinv.Model (from_linen / from_nnx / from_fn), got {type(model).__name__}")
         if shares not in ("weights", "gradient"):
             raise ValueError(f"shares must be 'weights' (clients return new weights) or 'gradient', got {shares!r}")
-        if shares == "weights":
-            local_steps, local_lr = _check_steps_lr(local_steps, local_lr, "AuditStrategy")
+        client = check_client(client, "AuditStrategy", batches=True)
+        if shares == "weights" and client.local_lr is None:
+            raise ValueError("AuditStrategy: local_lr (the clients' learning rate) is required with shares='weights': "
+                             "each update is read as the gradient -update / (local_steps * local_lr)")
+        if shares == "gradient" and client.fedavg:
+            raise ValueError(f"AuditStrategy: shares='gradient' (clients send their gradient) with local_steps="
+                             f"{client.local_steps}: use shares='weights' for FedAvg updates")
         self.strategy, self.model, self.out_dir = strategy, model, os.fspath(out_dir)
         self.key = check_key(key, "AuditStrategy", required=True)
-        self.local_steps, self.local_lr, self.shares = local_steps, local_lr, shares
-        self.attacks = _check_attacks(attacks)
-        self.attack_options = {a: dict((attack_options or {}).get(a, {})) for a in self.attacks}
-        for a in self.attacks:
-            check_options(a, self.attack_options[a])
+        self.client, self.shares = client, shares
+        self.local_steps, self.local_lr = client.local_steps, client.local_lr
+        self.attacks = check_attacks(attacks)
+        self.attack_options = merged_options(self.attacks, attack_options, client, defaults={})
         self.truth, self.client_id, self.security = truth, client_id, bool(security)
         self.reports: list[dict] = []
         self._sent: dict[int, list[np.ndarray]] = {}
@@ -151,12 +165,6 @@ class AuditStrategy(Strategy):
 
     def audit_round(self, server_round: int, results: Sequence[tuple[Any, Any]]) -> dict:
         """Attack every client's result of this round and write the round's report (also in :attr:`reports`)."""
-        from . import report as _report
-        from ._audit._audit import _jsonable, _layer_residuals, _metrics
-        from ._fedavg import update_as_gradient
-        from ._security._security import security
-        from .attacks._registry import attack
-
         t0 = time.perf_counter()
         sent = self._sent.get(server_round)
         if sent is None:
@@ -169,8 +177,8 @@ class AuditStrategy(Strategy):
         if self.security:
             try:
                 fed = ({"local_steps": self.local_steps, "local_lr": self.local_lr} if self.shares == "weights"
-                       else {})
-                rep = security(model, key=key, **fed)
+                       else {})  # weights shared: even one step carries the rounding of theta_0 - lr g
+                rep = security_report(model, key=key, **{**client_keywords(self.client), **fed})
                 rnd["security"] = {"score": rep.score, "verdict": rep.verdict, "copa_index": rep.copa_index,
                                    "score_undefended": rep.score_undefended}
             except ValueError as e:
@@ -200,20 +208,20 @@ class AuditStrategy(Strategy):
                     rec = attack(a, model, grads, key=jax.random.fold_in(key, i), **self.attack_options[a])
                     jax.block_until_ready(rec.image)
                 except ValueError as e:
-                    entry["attacks"][a] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+                    entry["attacks"][a] = {"error": error_text(e)}
                     continue
                 r = {"labels": np.asarray(rec.label).reshape(-1).tolist(),
                      "gradient_distance": np.asarray(rec.gradient_distance).reshape(-1).tolist(),
                      "seconds": time.perf_counter() - t1, "error": None,
-                     "layers": [lr.to_dict() for lr in _layer_residuals(rec)]}
+                     "layers": [lr.to_dict() for lr in layer_residuals(rec)]}
                 if known is not None and rec.image.shape == tx.shape:
-                    p, s = _metrics(rec.image, tx.astype(rec.image.dtype))
+                    p, s = image_scores(rec.image, tx.astype(rec.image.dtype))
                     r["psnr"], r["ssim"] = p.tolist(), s.tolist()
                 entry["attacks"][a] = r
                 grids[a].append(np.clip(np.asarray(rec.image, np.float32), 0, 1))
             rnd["clients"].append(entry)
         rnd["seconds"] = time.perf_counter() - t0
-        rnd = _jsonable(rnd)
+        rnd = jsonable(rnd)
         stem = os.path.join(self.out_dir, f"round_{server_round:03d}")
         with open(stem + ".json", "w") as f:
             json.dump(rnd, f, indent=1)
@@ -221,7 +229,6 @@ class AuditStrategy(Strategy):
             if imgs and imgs[0].ndim == 4:
                 rows = ([np.concatenate([np.asarray(t, np.float32) for t in truths])]
                         if len(truths) == len(imgs) else []) + [np.concatenate(imgs)]
-                with open(f"{stem}_{_report.slug(a)}.png", "wb") as f:
-                    f.write(_report.png_bytes(_report.image_grid(rows)))
+                write_grid(f"{stem}_{slug(a)}.png", rows)
         self.reports.append(rnd)
         return rnd

@@ -402,6 +402,13 @@ _CNN6_D = [(3, 12, 4, 2, 2), (12, 20, 3, 2, 1), (20, 36, 3, 1, 1), (36, 36, 3, 1
            (36, 64, 3, 2, 1), (64, 128, 3, 1, 1)]  # fmt: skip
 _R02 = "leaky_relu:0.2"
 
+
+def _cnn6(name: str, source: str, convs: list[tuple[int, ...]], classes: int) -> ModelInfo:
+    """R-GAP's CNN6 family: six bias-free leaky-ReLU(0.2) convs and a dense head (with a bias when ``classes > 1``)."""
+    return ModelInfo(name=name, source=source, input_shape=_CIFAR, num_classes=classes,
+                     layers=tuple(ConvLayer(*c, bias=False) for c in convs),
+                     head=DenseLayer(3200, classes, bias=classes > 1), activations=(_R02,) * 6 + ("identity",))
+
 _TABLE: tuple[ModelInfo, ...] = (
     _chen("cnn2_c0", [(3, 1, 3, 2, 0)], 225, ["tanh", "tanh"]),
     _chen("cnn2_c1", [(3, 6, 3, 1, 0)], 5400, ["tanh", "identity"]),
@@ -442,33 +449,10 @@ _TABLE: tuple[ModelInfo, ...] = (
         head=DenseLayer(768, 100, bias=True),
         activations=("sigmoid", "sigmoid", "sigmoid", "identity"),
     ),
-    ModelInfo(
-        name="cnn6",
-        source=_RGAP + " (CNN6)",
-        input_shape=_CIFAR,
-        num_classes=1,
-        layers=tuple(ConvLayer(*c, bias=False) for c in _CNN6),
-        head=DenseLayer(3200, 1, bias=False),
-        activations=(_R02,) * 6 + ("identity",),
-    ),
-    ModelInfo(
-        name="cnn6_d",
-        source=_RGAP + " (CNN6-d, rank-deficient)",
-        input_shape=_CIFAR,
-        num_classes=1,
-        layers=tuple(ConvLayer(*c, bias=False) for c in _CNN6_D),
-        head=DenseLayer(3200, 1, bias=False),
-        activations=(_R02,) * 6 + ("identity",),
-    ),
-    ModelInfo(
-        name="cnn6_head10",
-        source="jaxinv variant of R-GAP's CNN6: its convs with a 10-class dense head with bias",
-        input_shape=_CIFAR,
-        num_classes=10,
-        layers=tuple(ConvLayer(*c, bias=False) for c in _CNN6),
-        head=DenseLayer(3200, 10, bias=True),
-        activations=(_R02,) * 6 + ("identity",),
-    ),
+    _cnn6("cnn6", _RGAP + " (CNN6)", _CNN6, classes=1),
+    _cnn6("cnn6_d", _RGAP + " (CNN6-d, rank-deficient)", _CNN6_D, classes=1),
+    _cnn6("cnn6_head10", "jaxinv variant of R-GAP's CNN6: its convs with a 10-class dense head with bias", _CNN6,
+          classes=10),
     ModelInfo(
         name="fcn3",
         source=_RGAP + " (FCN3, MNIST)",

@@ -13,16 +13,22 @@ import numpy as np
 import pytest
 
 import jaxinv
-from jaxinv import data, metrics, zoo
+from jaxinv import Client, data, metrics, zoo
 from jaxinv._gradient import loss_fn
-from jaxinv.attacks._ig import milestones
-from jaxinv.attacks._objectives import minimise
 from jaxinv.attacks import (
     ATTACKS,
+    DLGOptions,
+    IGOptions,
     attack,
     candidate_gradient,
+    check_options,
     cosine_distance,
+    dlg,
+    idlg,
+    ig,
     l2_distance,
+    milestones,
+    minimise,
     multistep_schedule,
     project_box,
     recover_labels,
@@ -386,3 +392,107 @@ def test_label_batch_mismatch():
         attack("ig", model, grads, key=jax.random.key(0), label=jnp.array([1, 2]), batch_size=3)
     with pytest.raises(ValueError, match="out of range"):
         attack("ig", model, grads, key=jax.random.key(0), label=10)
+
+
+# --------------------------------------------------------------------------------------------- option objects
+@pytest.mark.parametrize(
+    "cls, kwargs, error, match",
+    [
+        (DLGOptions, dict(max_steps=0), ValueError, "DLGOptions: max_steps must be a positive integer"),
+        (DLGOptions, dict(memory_size=2.5), ValueError, "DLGOptions: memory_size"),
+        (DLGOptions, dict(max_evaluations=0), ValueError, "DLGOptions: max_evaluations"),
+        (DLGOptions, dict(tol=-1e-3), ValueError, r"DLGOptions: tol must be a finite number >= 0"),
+        (DLGOptions, dict(callback=3), TypeError, "DLGOptions: callback must be a function"),
+        (IGOptions, dict(lr=0.0), ValueError, r"IGOptions: lr must be a finite number > 0"),
+        (IGOptions, dict(tv_weight=float("nan")), ValueError, "IGOptions: tv_weight"),
+        (IGOptions, dict(box=(1.0, 0.0)), ValueError, r"IGOptions: box=\(lo, hi\) needs lo < hi"),
+        (IGOptions, dict(box="01"), TypeError, "IGOptions: box must be a pair"),
+        (IGOptions, dict(box=(0.0,)), TypeError, "IGOptions: box must be a pair"),
+        (IGOptions, dict(signed=1), TypeError, "IGOptions: signed must be True or False"),
+        (IGOptions, dict(restarts=0), ValueError, "IGOptions: restarts"),
+        (IGOptions, dict(window=-1), ValueError, "IGOptions: window"),
+    ],
+)
+def test_option_objects_validate_at_construction(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+def test_option_objects_are_static_values():
+    """Frozen, keyword-only, normalised (numpy scalars become Python numbers) and hashable: the compiled loop is
+    keyed by them, so equal options reuse it."""
+    a = IGOptions(max_steps=np.int64(30), lr=np.float32(0.05), box=[0, 1])
+    b = IGOptions(max_steps=30, lr=float(np.float32(0.05)), box=(0.0, 1.0))
+    assert a == b and hash(a) == hash(b)
+    assert type(a.max_steps) is int and type(a.lr) is float and a.box == (0.0, 1.0)
+    with pytest.raises(TypeError):
+        IGOptions(30)  # keyword-only
+    with pytest.raises(AttributeError):
+        a.max_steps = 3  # frozen
+    assert hash(DLGOptions(callback=_record)) == hash(DLGOptions(callback=_record))
+
+
+@pytest.mark.parametrize(
+    "fn, cls, flat",
+    [
+        (dlg, DLGOptions, dict(max_steps=12, memory_size=7, tol=0.0, log_every=2)),
+        (idlg, DLGOptions, dict(max_steps=12, max_evaluations=9, window=5)),
+        (ig, IGOptions, dict(max_steps=20, lr=0.05, tv_weight=1e-6, restarts=2, signed=False, log_every=3)),
+    ],
+)
+def test_legacy_keywords_equal_option_objects(fn, cls, flat):
+    """``fn(max_steps=..., loss=..., batch_size=...)`` is ``fn(client=Client(...), options=cls(...))``: bit for bit."""
+    model, _, grads = tiny()
+    key = jax.random.key(3)
+    setting = dict(loss="cross_entropy", batch_size=1)
+    old = fn(model, grads, key=key, **setting, **flat)
+    new = fn(model, grads, key=key, client=Client(**setting), options=cls(**flat))
+    mixed = attack(fn.__name__, model, grads, key=key, options=cls(**flat), **setting)
+    for rec in (new, mixed):
+        for field in ("image", "label", "loss_trace", "gradient_distance"):
+            np.testing.assert_array_equal(np.asarray(getattr(rec, field)), np.asarray(getattr(old, field)))
+        assert rec.attack == fn.__name__
+
+
+def test_unknown_or_clashing_keyword():
+    model, _, grads = tiny()
+    key = jax.random.key(0)
+    with pytest.raises(TypeError, match=r"ig\(\) got unexpected keyword argument\(s\) steps; its options are .*"
+                                        r"Client \(loss, batch_size, local_steps, local_lr\).*IGOptions \(max_steps"):
+        ig(model, grads, key=key, steps=5)
+    with pytest.raises(TypeError, match=r"dlg\(\) got unexpected keyword argument\(s\) tv_weight"):
+        dlg(model, grads, key=key, tv_weight=1e-4)
+    with pytest.raises(TypeError, match="max_steps given both as keyword and on the IGOptions"):
+        ig(model, grads, key=key, options=IGOptions(max_steps=10), max_steps=20)
+    with pytest.raises(TypeError, match="expected a IGOptions"):
+        ig(model, grads, key=key, options=DLGOptions())
+    with pytest.raises(ValueError, match="Client: local_lr"):
+        ig(model, grads, key=key, local_steps=3)
+
+
+def test_registry_reads_option_objects():
+    """The registry's options are the Client's and the options class's fields plus the objects themselves."""
+    check_options("ig", {"max_steps": 10, "loss": "auto", "local_steps": 2, "local_lr": 0.1})
+    check_options("ig", {"options": IGOptions(max_steps=10), "client": Client()})
+    check_options("dlg", {"options": DLGOptions(), "max_evaluations": None})
+    check_options("copa", {"pullback": True, "max_steps": 10})  # an earlier name (jaxinv.attacks.RENAMED)
+    with pytest.raises(TypeError, match=r"option 'options' of attack 'ig' must be IGOptions \| None"):
+        check_options("ig", {"options": DLGOptions()})
+    with pytest.raises(TypeError, match=r"'local_lr' of attack 'dlg' must be float \| None.*or as objects: client"):
+        check_options("dlg", {"local_lr": "big"})
+    with pytest.raises(TypeError, match="'key' is an argument of jaxinv.attack itself"):
+        check_options("ig", {"key": 0})
+    with pytest.raises(ValueError, match="unknown attack 'nope'"):
+        check_options("nope", {})
+
+
+def test_dlg_simulates_a_fedavg_client():
+    """With a FedAvg Client (K > 1) DLG matches the candidate's simulated update, as IG does."""
+    model, x, _ = tiny()
+    K, lr = 3, 0.1
+    upd = jaxinv.update_as_gradient(jaxinv.local_update(model, x, jnp.array([LABEL]), steps=K, lr=lr), steps=K, lr=lr)
+    rec = idlg(model, upd, key=jax.random.key(0), label=LABEL, client=Client(local_steps=K, local_lr=lr),
+               options=DLGOptions(max_steps=60))
+    plain = idlg(model, upd, key=jax.random.key(0), label=LABEL, max_steps=60)
+    assert rec.image.shape == x.shape and np.isfinite(float(rec.gradient_distance[0]))
+    assert not np.array_equal(np.asarray(rec.image), np.asarray(plain.image))

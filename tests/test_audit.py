@@ -13,8 +13,8 @@ import pytest
 
 import jaxinv
 from jaxinv import cli, data, zoo
-from jaxinv._audit._audit import AUDIT_DEFAULTS, leaking_layer, step_options
-from jaxinv._audit._targets import load_target
+from jaxinv._audit import AUDIT_DEFAULTS, leaking_layer, load_target, step_options
+from jaxinv.attacks import check_options
 
 SHAPE = (16, 16, 3)
 
@@ -248,7 +248,20 @@ def test_progress_line(monkeypatch):
 
 
 def test_audit_defaults_are_valid_options():
-    from jaxinv.attacks._registry import check_options
-
     for name, opts in AUDIT_DEFAULTS.items():
         check_options(name, opts)
+
+
+def test_audit_client_setting(model, photos):
+    """The client's setting (jaxinv.Client) makes the shared objects, and the attacks and the metric assume it."""
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="batch_size=2.*single-image"):
+        jaxinv.audit(model, photos, attacks=("copa",), key=key, client=jaxinv.Client(batch_size=2))
+    with pytest.raises(TypeError, match="client must be a jaxinv.Client"):
+        jaxinv.audit(model, photos, attacks=("copa",), key=key, client={"local_steps": 2})
+    fed = jaxinv.Client(local_steps=2, local_lr=0.01)
+    res = jaxinv.audit(model, photos, labels=np.array([1, 4]), attacks=("copa",), key=key, client=fed)
+    a = res["copa"]
+    assert a.options["local_steps"] == 2 and a.options["local_lr"] == 0.01
+    assert a.ok and np.all(a.psnr > 40), a.psnr  # the FedAvg update, inverted with the client's steps
+    assert res.security.defence.startswith("fedavg(K=2")  # the metric accounts for the client's steps

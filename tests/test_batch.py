@@ -7,8 +7,8 @@ import pytest
 
 import jaxinv
 from jaxinv import data, metrics, zoo
-from jaxinv.engine._batch import batch_system
-from jaxinv._maps import LayerSystem
+from jaxinv.engine import batch_system
+from jaxinv.engine import LayerSystem
 
 
 def _model(name, input_shape=(32, 32, 3)):

@@ -10,7 +10,7 @@ import pytest
 
 import jaxinv
 from jaxinv import data, zoo
-from jaxinv._maps import LayerSystem
+from jaxinv.engine import LayerSystem
 from conftest import psnr
 
 

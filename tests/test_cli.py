@@ -2,7 +2,8 @@
 
 import json
 import os
-
+import subprocess
+import sys
 
 from jaxinv import cli
 
@@ -56,3 +57,31 @@ def test_sweep_command_bad_model(tmp_path, capsys):
     assert cli.main(["sweep", "cnn2_c1,nope", "--out", str(tmp_path / "s.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "models['nope']" in err and len(err.strip().splitlines()) == 1
+
+
+LAZY = """
+import sys
+import jaxinv
+eager = {n for n in ("cli", "flower", "report") if "jaxinv." + n in sys.modules}
+assert not eager and "flwr" not in sys.modules, eager  # the top floor is imported on first use only
+assert jaxinv.zoo.names() and jaxinv.data.sample_images and jaxinv.metrics.psnr and jaxinv.defences
+assert jaxinv.engine.copa is jaxinv.copa and jaxinv.attacks.attack is jaxinv.attack
+assert jaxinv.report.render and jaxinv.cli.main and jaxinv.flower.AuditStrategy
+names = {"attacks", "cli", "data", "defences", "engine", "flower", "metrics", "report", "zoo", "Client", "RESULTS"}
+assert names <= set(dir(jaxinv)), names - set(dir(jaxinv))
+assert {"Client", "RESULTS", "Execution"} <= set(jaxinv.__all__)
+try:
+    jaxinv.no_such_thing
+except AttributeError as e:
+    assert "no_such_thing" in str(e)
+else:
+    raise AssertionError("jaxinv.no_such_thing did not raise AttributeError")
+print("OK")
+"""
+
+
+def test_submodules_are_lazy_attributes_of_the_package():
+    """``import jaxinv`` alone makes every submodule an attribute (``jaxinv.zoo.names()``), listed by ``dir``; a
+    fresh process, since this one has imported them all already."""
+    r = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]

@@ -8,7 +8,7 @@ import pytest
 from conftest import photo, psnr
 
 import jaxinv
-from jaxinv._maps import LayerSystem
+from jaxinv.engine import LayerSystem
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -184,7 +184,7 @@ def test_two_relu_layers_read_the_active_set_above_noise():
 
 
 def test_relu_active_zeroes_only_noise():
-    from jaxinv.engine._copa import relu_active
+    from jaxinv.engine import relu_active
 
     x = jnp.array([2.0, 1e-3, 3e-9, -4e-9, 0.0, -1.0], jnp.float32)
     np.testing.assert_allclose(relu_active(x), [2.0, 1e-3, 0.0, 0.0, 0.0, 0.0], rtol=1e-6, atol=0)

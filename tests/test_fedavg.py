@@ -7,7 +7,7 @@ import pytest
 
 import jaxinv
 from jaxinv import zoo
-from jaxinv.attacks import _objectives as obj
+from jaxinv import attacks as obj
 
 from conftest import photo, psnr
 

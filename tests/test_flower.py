@@ -107,3 +107,37 @@ def test_arrays_round_trip_and_errors():
         arrays_to_params([np.ones((3, 2)), np.zeros(4)], params)
     with pytest.raises(ValueError, match="1 arrays for a model with 2"):
         arrays_to_params([np.zeros(4)], params)
+
+
+def test_audit_strategy_takes_the_client_setting(tmp_path):
+    """``client=jaxinv.Client(...)`` or its fields as keywords, validated once; the attacks assume the setting."""
+    pytest.importorskip("flwr")
+    import jax
+    from flwr.server.strategy import FedAvg
+
+    import jaxinv
+    from jaxinv import zoo
+    from jaxinv.flower import AuditStrategy
+
+    module, variables = zoo.build("fcn3", key=jax.random.key(0))
+    model = jaxinv.from_linen(module, variables, input_shape=zoo.input_shape("fcn3"))
+    kw = dict(out_dir=tmp_path, key=jax.random.key(0))
+    s = AuditStrategy(FedAvg(), model, local_steps=2, local_lr=0.1, **kw)
+    assert s.client == jaxinv.Client(local_steps=2, local_lr=0.1) and (s.local_steps, s.local_lr) == (2, 0.1)
+    assert s.attack_options == {"copa": {"local_steps": 2, "local_lr": 0.1}}
+    s = AuditStrategy(FedAvg(), model, client=jaxinv.Client(local_lr=0.1), attack_options={"copa": {"max_steps": 9}},
+                      **kw)
+    assert (s.local_steps, s.local_lr) == (1, 0.1) and s.attack_options == {"copa": {"max_steps": 9}}
+    with pytest.raises(ValueError, match="local_lr"):
+        AuditStrategy(FedAvg(), model, **kw)  # weights shared: the learning rate reads the update
+    assert AuditStrategy(FedAvg(), model, shares="gradient", **kw).local_lr is None
+    with pytest.raises(ValueError, match="local_steps must be a positive integer"):
+        AuditStrategy(FedAvg(), model, local_steps=0, local_lr=0.1, **kw)
+    with pytest.raises(TypeError, match="local_steps given both"):
+        AuditStrategy(FedAvg(), model, client=jaxinv.Client(local_steps=2, local_lr=0.1), local_steps=3, **kw)
+    with pytest.raises(ValueError, match="shares='gradient'"):
+        AuditStrategy(FedAvg(), model, shares="gradient", local_steps=2, local_lr=0.1, **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*local_step"):
+        AuditStrategy(FedAvg(), model, local_lr=0.1, local_step=2, **kw)
+    with pytest.raises(ValueError, match="unknown attack"):
+        AuditStrategy(FedAvg(), model, local_lr=0.1, attacks=("fgsm",), **kw)

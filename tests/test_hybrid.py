@@ -8,7 +8,7 @@ from conftest import photo, psnr
 
 import jaxinv
 from jaxinv import zoo
-from jaxinv.attacks._hybrid import _suffix_leaves, hybrid, suffix_gradient
+from jaxinv.attacks import HybridOptions, hybrid, hybrid_down, suffix_gradient, suffix_leaves
 
 STEPS = (300, 100, 50)
 
@@ -64,11 +64,9 @@ def test_matching_targets_are_the_shared_gradient(case):
     model, x, g = case
     st = model.structure()
     leaves = jax.tree_util.tree_leaves(model.params)
-    from jaxinv._gradient import loss_fn
-
-    gh = suffix_gradient(st, leaves, 0, jnp.asarray(x), jnp.asarray(1), loss_fn("cross_entropy", 5))
+    gh = suffix_gradient(st, leaves, 0, jnp.asarray(x), jnp.asarray(1), jaxinv.engine.loss_fn("cross_entropy", 5))
     gl = jax.tree_util.tree_leaves(g)
-    idx = _suffix_leaves(st, 0)
+    idx = suffix_leaves(st, 0)
     assert len(idx) == len(gl) == 3  # conv kernel, head kernel, head bias
     for a, i in zip(gh, idx):
         np.testing.assert_allclose(a, gl[i], rtol=1e-4, atol=1e-7)
@@ -77,18 +75,15 @@ def test_matching_targets_are_the_shared_gradient(case):
 def test_inner_loop_is_compiled(case):
     """Each layer's matching is one lax.while_loop: the traced program does not grow with max_steps."""
     model, _, g = case
-    from jaxinv.engine._copa import CopaOptions, _head_step
-    from jaxinv.attacks._hybrid import _hybrid_down, _HybridOptions
-
     st = model.structure()
     gl = jax.tree_util.tree_leaves(g)
-    xh, gx, lab, _ = _head_step(model, st, gl, jnp.asarray(1), CopaOptions())
+    xh, gx, lab, _ = jaxinv.engine.head_step(model, st, gl, jnp.asarray(1), jaxinv.engine.Solver(), "cross_entropy")
 
     def jaxpr(n):
-        ho = _HybridOptions(max_steps=(n, n, n), lr=0.02, tv_weight=0.1, system_weight=1.0, box=(0.0, 1.0), correct=0.1,
-                            tol=1e-6, window=100, log_every=n, loss="cross_entropy")
-        return jax.make_jaxpr(lambda a, b: _hybrid_down(model, st, 0, gl, lab, a, b, jnp.asarray(False), CopaOptions(), ho, None)[0])(
-            xh, gx)
+        ho = HybridOptions(max_steps=(n, n, n), lr=0.02, log_every=n)
+        solver = jaxinv.engine.Solver()
+        return jax.make_jaxpr(lambda a, b: hybrid_down(model, st, 0, gl, a, b, jnp.asarray(False), lab, solver, ho,
+                                                       "cross_entropy", None)[0][0])(xh, gx)
 
     a, b = jaxpr(10), jaxpr(1000)
     assert "while" in str(a) and len(a.jaxpr.eqns) == len(b.jaxpr.eqns)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxinv
-from jaxinv._maps import LayerSystem, operator_norm
+from jaxinv.engine import LayerSystem, operator_norm
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -9,9 +9,7 @@ from conftest import photo, psnr
 
 import jaxinv
 from jaxinv import zoo
-from jaxinv.engine._refine import (Pullback, Term, adam_refine, compose, layer_system, pullback_layer,
-                                 relu_inactive)
-from jaxinv._maps import LayerSystem
+from jaxinv.engine import LayerSystem, Pullback, Term, adam_refine, compose, layer_system, pullback_layer, relu_inactive
 
 FAST = Pullback(steps=300)
 
@@ -58,12 +56,12 @@ def test_box_and_activation_image_hold_at_the_end():
     for r in rec.layers[:-1]:
         assert int(r.clipped) == 0
     # the refined hidden solution itself, through the engine's step
-    from jaxinv.engine._copa import CopaOptions, _down_step, _head_step
+    from jaxinv.engine import Solver, down_step, head_step
 
     st = model.structure()
     gl = jax.tree_util.tree_leaves(g)
-    xh, gx, _, _ = _head_step(model, st, gl, jnp.asarray(3), CopaOptions())
-    x1, _, _ = _down_step(model, st, 1, gl, xh, gx, CopaOptions(), pullback=Pullback(steps=100))
+    xh, gx, _, _ = head_step(model, st, gl, jnp.asarray(3), Solver(), "cross_entropy")
+    x1, _, _ = down_step(model, st, 1, gl, xh, gx, Solver(), pullback=Pullback(steps=100))
     assert float(x1.min()) > -1.0 and float(x1.max()) < 1.0  # tanh's image (-1, 1), strictly
 
 
@@ -142,9 +140,9 @@ def test_relu_inequality_rows():
     assert float(term.penalty({"x": -h0})) > 0.0
     # end to end: from a start that violates them, the refinement enforces the inactive units' inequalities
     gW = gl[stages[1].nodes.kernel_leaf]
-    from jaxinv.engine._copa import CopaOptions, _solve_layer
+    from jaxinv.engine import Solver, solve_layer
 
-    x_lsq = _solve_layer(sys, x1, gW, CopaOptions(), mask=mask)[0]
+    x_lsq = solve_layer(sys, x1, gW, Solver(), mask=mask).x
     start = x_lsq + 0.2 * jax.random.normal(jax.random.PRNGKey(0), x_lsq.shape)
     viol = lambda v: float(jnp.sum(jnp.maximum(sys.forward(v) + sys.forward_offset, 0) * (1 - mask)))  # noqa: E731
     assert viol(start) > 0

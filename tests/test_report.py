@@ -20,7 +20,7 @@ from skimage import io as skio
 
 import jaxinv
 from jaxinv import data, report
-from jaxinv._audit._targets import load_target
+from jaxinv._audit import leaking_layer, load_target
 
 REQUIRE_BROWSER = os.environ.get("JAXINV_REQUIRE_BROWSER") == "1"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -114,7 +114,7 @@ def test_leaking_row_highlighted(result):
                                     lost_energy=0.4)
     layers.append(dataclasses.replace(layers[1], index=2, path="Head/kernel", role="head", deficiency=0))
     rep2 = dataclasses.replace(rep, layers=tuple(layers))
-    res2 = dataclasses.replace(result, security=rep2, leaking_layer=jaxinv._audit._audit.leaking_layer(rep2))
+    res2 = dataclasses.replace(result, security=rep2, leaking_layer=leaking_layer(rep2))
     assert res2.leaking_layer.index == 1 and not res2.leaking_layer.determined
     assert "5 of the" in res2.leaking_layer.text and "40%" in res2.leaking_layer.text
     rows = re.findall(r'<tr id="layer-(\d+)"( class="leak")?>', report.render(res2))

@@ -8,7 +8,7 @@ import pytest
 
 import jaxinv
 from jaxinv import data, zoo
-from jaxinv._maps import LayerSystem
+from jaxinv.engine import LayerSystem
 from conftest import psnr
 
 
@@ -37,7 +37,7 @@ def test_per_pixel_loss_matches_optax_and_the_gradient_is_its_mean(fcn):
     m = data.segmentation_masks(x, classes=3)
     logits = fcn(x)
     assert logits.shape == (1, 32, 32, 21)
-    lf = jaxinv._gradient.loss_fn("cross_entropy", 21)
+    lf = jaxinv.engine.loss_fn("cross_entropy", 21)
     import optax
     want = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, m))
     np.testing.assert_allclose(lf(logits, m), want, rtol=1e-6)

@@ -93,6 +93,18 @@ def test_sweep_images_array_and_grey_model(tmp_path):
     assert all(r["error"] is None and r["psnr"] > 40 for r in rows), rows
 
 
+def test_sweep_execution_and_client_objects(fcn, tmp_path):
+    """``execution=`` and ``client=`` objects; a client other than the default is part of each row's identity."""
+    out = tmp_path / "s.jsonl"
+    kw = dict(out=out, key=jax.random.key(0), attacks=("copa",), security=False)
+    rows = jaxinv.sweep({"fcn3": fcn}, 2, execution=jaxinv.Execution(chunk=1, resume=False), **kw)
+    assert [r["image"] for r in rows] == [0, 1] and all(r["psnr"] > 60 for r in rows), rows
+    ce = jaxinv.Client(loss="cross_entropy")
+    again = jaxinv.sweep({"fcn3": fcn}, 2, chunk=2, client=ce, **kw)
+    assert len(again) == 2 and len(out.read_text().splitlines()) == 4  # other runs: the options say the loss
+    assert all(r["options"] == {"loss": "cross_entropy"} and r["psnr"] > 60 for r in again), again
+
+
 def test_sweep_bad_input(fcn, tmp_path):
     out = tmp_path / "s.jsonl"
     key = jax.random.key(0)
@@ -112,6 +124,16 @@ def test_sweep_bad_input(fcn, tmp_path):
         jaxinv.sweep([fcn], 1, out=out, key=key, attacks=("fgsm",))
     with pytest.raises(TypeError, match="unknown option"):
         jaxinv.sweep([fcn], 1, out=out, key=key, attack_options={"copa": {"nope": 1}})
+    with pytest.raises(ValueError, match="backend"):
+        jaxinv.Execution(backend="spark")
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        jaxinv.sweep([fcn], 1, out=out, key=key, chunk=0)
+    with pytest.raises(TypeError, match="chunk given both"):
+        jaxinv.sweep([fcn], 1, out=out, key=key, execution=jaxinv.Execution(chunk=2), chunk=3)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*chunks"):
+        jaxinv.sweep([fcn], 1, out=out, key=key, chunks=2)
+    with pytest.raises(ValueError, match="batch_size=2"):
+        jaxinv.sweep([fcn], 1, out=out, key=key, client=jaxinv.Client(batch_size=2))
     assert not out.exists() or out.read_text() == ""
 
 

@@ -1,8 +1,9 @@
 """Audit an architecture: the security analysis, then real attacks on real images, scored against the truth.
 
 :func:`audit` is the library side of ``jaxinv audit``. For every image :math:`x_i` the client's single-image
-gradient :math:`g_i = \\nabla_\\theta \\ell(f_\\theta(x_i), y_i)` is computed; the ``T`` gradients are stacked on a
-leading axis and every attack inverts all of them in one call (independent single-image targets). Each
+gradient :math:`g_i = \\nabla_\\theta \\ell(f_\\theta(x_i), y_i)` is computed (or, for a FedAvg client with
+:math:`K` local steps, its update read as a gradient, :math:`-\\Delta_i/(K\\eta)`); the ``T`` gradients are stacked
+on a leading axis and every attack inverts all of them in one call (independent single-image targets). Each
 reconstruction :math:`\\hat x_i` is scored against :math:`x_i` (PSNR and SSIM on ``[0, 1]`` images after clipping),
 the recovered labels against :math:`y_i`; layer-wise attacks also give per-layer residuals (mean over images). The
 :func:`jaxinv.security` report names the layer the verdict hinges on (:class:`LeakingLayer`).
@@ -13,10 +14,6 @@ report with PNGs (``.save(out_dir)``, see :mod:`jaxinv.report`).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,15 +22,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray
+from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray, PyTree
 
+from .. import metrics
+from .._checks import check_key, positive_int
+from .._client import Client
+from .._fedavg import local_update, update_as_gradient
 from .._gradient import check_labels, client_gradient, num_labels
 from .._model import Model
-from .._result import STATUS_MESSAGES
-from .._checks import check_key
-from .._gradient import stacked_gradients
-from .._security._security import SecurityReport, security
-from ..attacks._registry import ATTACKS, attack, check_options
+from .._security import security
+from ..attacks import ATTACKS, attack, check_options
+from ._result import AttackResult, AuditResult, LayerResidual, leaking_layer, nanmean
 
 #: Options :func:`audit` gives the optimisation attacks unless ``attack_options`` says otherwise: budgets that keep
 #: an audit of a zoo model on a few images in minutes on a CPU (the attacks' own defaults are the papers' budgets).
@@ -56,8 +55,7 @@ def step_options(attacks: Sequence[str], steps: int) -> dict[str, dict[str, Any]
     Raises:
         ValueError: ``steps`` is not a positive integer.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    positive_int(steps, "steps")
     out: dict[str, dict[str, Any]] = {}
     for name in attacks:
         if name == "hybrid":
@@ -67,279 +65,14 @@ def step_options(attacks: Sequence[str], steps: int) -> dict[str, dict[str, Any]
     return out
 
 
-def _finite_or_none(v: float) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
+# ============================================================================================== checks
+def check_attacks(attacks: Any) -> tuple[str, ...]:
+    """``attacks`` (one name or a sequence of names) as a tuple of distinct registered attack names.
 
-
-def _nanmean(a) -> float:
-    a = np.asarray(a, np.float64).reshape(-1)
-    a = a[~np.isnan(a)]
-    return float(a.mean()) if a.size else float("nan")
-
-
-def _jsonable(v: Any) -> Any:
-    """Options and metrics as JSON values: tuples as lists, non-finite floats as ``None``, others by ``repr``."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return _finite_or_none(v)
-    if v is None or isinstance(v, str):
-        return v
-    return repr(v)
-
-
-# ============================================================================================== results
-@dataclasses.dataclass(frozen=True)
-class LayerResidual:
-    """One layer's solve in a layer-wise attack, averaged over the audited images.
-
-    Attributes:
-        path: the layer's kernel path (input layer first in :attr:`AttackResult.layers`).
-        forward_residual, gradient_residual, bias_residual: mean relative residuals of the forward, gradient and bias
-            constraints at the solution (NaN where a layer has no such rows, e.g. the head's forward rows).
-        steps: mean solver iterations; ``status``: the worst status code over the images (0 = ok).
+    Raises:
+        TypeError: not a name or a sequence of names.
+        ValueError: empty, or an unknown attack (the message lists :data:`jaxinv.ATTACKS`).
     """
-
-    path: str
-    forward_residual: float
-    gradient_residual: float
-    bias_residual: float
-    steps: float
-    status: int
-
-    @property
-    def message(self) -> str:
-        return STATUS_MESSAGES.get(self.status, f"unknown status {self.status}")
-
-    def to_dict(self) -> dict:
-        return _jsonable(dict(dataclasses.asdict(self), message=self.message))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AttackResult:
-    """One attack run on the single-image gradients of all audited images, scored against the truth.
-
-    Attributes:
-        name: the attack (:data:`jaxinv.ATTACKS`); ``options``: the options it ran with.
-        images: reconstructions ``(N, *input_shape)`` as returned (not clipped); ``None`` if the attack failed.
-        labels: recovered labels ``(N,)`` (``None`` if failed).
-        psnr, ssim: per image, of the reconstruction clipped to ``[0, 1]`` against the truth (data range 1; SSIM is
-            NaN for images smaller than its 11 x 11 window; PSNR is ``inf`` for an exact reconstruction).
-        label_accuracy: fraction of recovered labels equal to the true ones (NaN when ``labels_given``).
-        gradient_distance: per image, ``||g(x_hat) - g|| / ||g||``, the truth-free check of the attack.
-        seconds: wall time of the call (all images, compilation included).
-        layers: per-layer residuals (empty for attacks that do not work layer-wise).
-        error: why the attack could not run on this model (e.g. a head it cannot invert); ``None`` when it ran.
-        labels_given: True when the attack could not work without the true labels (it raised a ``ValueError``
-            with ``label=None``, e.g. a head it cannot read) and ran again with them: the result is that of an
-            attacker who knows the labels.
-    """
-
-    name: str
-    options: dict
-    images: np.ndarray | None
-    labels: np.ndarray | None
-    psnr: np.ndarray
-    ssim: np.ndarray
-    label_accuracy: float
-    gradient_distance: np.ndarray
-    seconds: float
-    layers: tuple[LayerResidual, ...] = ()
-    error: str | None = None
-    labels_given: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def mean_psnr(self) -> float:
-        """Mean PSNR in dB (``inf`` if some image was reconstructed exactly, NaN if the attack failed)."""
-        return float(np.mean(self.psnr)) if self.psnr.size else float("nan")
-
-    @property
-    def mean_ssim(self) -> float:
-        return _nanmean(self.ssim)
-
-    def to_dict(self) -> dict:
-        """JSON-friendly; non-finite numbers become ``None`` (a ``None`` PSNR with no error is an exact image)."""
-        return _jsonable({
-            "attack": self.name, "options": self.options, "error": self.error,
-            "psnr": self.psnr, "ssim": self.ssim, "psnr_mean": self.mean_psnr, "ssim_mean": self.mean_ssim,
-            "labels": self.labels, "label_accuracy": self.label_accuracy, "labels_given": self.labels_given,
-            "gradient_distance": self.gradient_distance, "gradient_distance_mean": _nanmean(self.gradient_distance),
-            "seconds": self.seconds, "layers": [r.to_dict() for r in self.layers],
-        })
-
-
-@dataclasses.dataclass(frozen=True)
-class LeakingLayer:
-    """The layer the security verdict hinges on.
-
-    Attributes:
-        path, index: the layer (index in :attr:`SecurityReport.layers`, input layer first).
-        determined: True when every layer's system is determined; the layer is then the input layer, whose system
-            gives the input away. False: the rank-deficient layer that loses the most of a typical input.
-        text: one sentence for the report.
-    """
-
-    path: str
-    index: int
-    determined: bool
-    text: str
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def leaking_layer(report: SecurityReport) -> LeakingLayer:
-    """The layer that gives the input away or, if some layer is rank-deficient, the one that breaks the inversion.
-
-    With deficient layers below the head, the one with the largest expected lost energy (ties: nearest the input)
-    is where a layer-wise attack loses the input. With every layer determined, the input layer's system
-    recovers the input; the sentence says so and names the worst-conditioned layer when it limits the precision.
-    """
-    layers = report.layers
-    hidden = layers[:-1]
-
-    def lost(r):
-        return r.lost_energy if math.isfinite(r.lost_energy) else r.deficiency / max(r.unknowns, 1)
-
-    defic = [r for r in hidden if r.deficiency > 0]
-    if defic:
-        w = max(defic, key=lambda r: (lost(r), -r.index))
-        text = (f"{w.path} is where the layer-wise inversion breaks: {w.deficiency} of the {w.unknowns} directions "
-                f"of its input are invisible to the gradient (rank {w.rank}); a typical input keeps "
-                f"{100 * lost(w):.0f}% of its energy there"
-                + ("; the layers below receive corrupted targets" if w.index > 0 else ""))
-        return LeakingLayer(w.path, w.index, False, text)
-    r0 = hidden[0] if hidden else layers[-1]
-    text = (f"every layer's system is determined (no rank deficiency): {r0.path}, the input layer, gives the input "
-            f"away (rank {r0.rank} for its {r0.unknowns} unknowns)")
-    cond = [r for r in hidden if math.isfinite(r.sigma_min) and r.sigma_min > 0]
-    if cond:
-        w = min(cond, key=lambda r: r.sigma_min)
-        if w.sigma_min < 1e-3:
-            text += (f"; {w.path} is the worst-conditioned layer (sigma_min {w.sigma_min:.1e}), which limits the "
-                     "precision")
-    return LeakingLayer(r0.path, r0.index, True, text)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AuditResult:
-    """What :func:`audit` found: the architecture's security report and the attacks' measured results.
-
-    Attributes:
-        model: the model's name; ``input_shape``: one input without the batch axis; ``dtype``: its parameters'.
-        source: where the images came from (free text for the report).
-        truth: the audited images ``(N, *input_shape)`` in ``[0, 1]``; ``labels``: their labels ``(N,)``.
-        security: the :class:`jaxinv.SecurityReport`, or ``None`` when the layer-wise analysis does not apply
-            (``security_error`` says why, e.g. an unsupported layer; the optimisation attacks still ran).
-        leaking_layer: :func:`leaking_layer` of the report (``None`` without a report).
-        attacks: one :class:`AttackResult` per attack, in the order asked.
-        seconds: wall time of the audit.
-    """
-
-    model: str
-    input_shape: tuple[int, ...]
-    dtype: str
-    source: str
-    truth: np.ndarray
-    labels: np.ndarray
-    security: SecurityReport | None
-    security_error: str | None
-    leaking_layer: LeakingLayer | None
-    attacks: tuple[AttackResult, ...]
-    seconds: float
-
-    def __getitem__(self, name: str) -> AttackResult:
-        """The result of one attack by name."""
-        for a in self.attacks:
-            if a.name == name:
-                return a
-        raise KeyError(f"no attack {name!r} in this audit; it ran: {', '.join(a.name for a in self.attacks)}")
-
-    @property
-    def best_psnr(self) -> float:
-        """The highest mean PSNR of any attack that ran (NaN if none ran): the measured leakage."""
-        vals = [a.mean_psnr for a in self.attacks if a.ok and not math.isnan(a.mean_psnr)]
-        return max(vals) if vals else float("nan")
-
-    def to_dict(self) -> dict:
-        """The audit as JSON values (``metrics.json``); non-finite numbers become ``None``."""
-        from .. import __version__
-
-        return _jsonable({
-            "jaxinv_version": __version__, "model": self.model, "input_shape": list(self.input_shape),
-            "dtype": self.dtype, "source": self.source, "n_images": int(self.truth.shape[0]),
-            "labels": self.labels, "seconds": self.seconds, "best_psnr": self.best_psnr,
-            "security": None if self.security is None else self.security.to_dict(),
-            "security_error": self.security_error,
-            "leaking_layer": None if self.leaking_layer is None else self.leaking_layer.to_dict(),
-            "attacks": {a.name: a.to_dict() for a in self.attacks},
-        })
-
-    def table(self) -> str:
-        """Plain text: the security table, the leaking layer and one line per attack."""
-        lines = [f"audit of {self.model!r}: {self.truth.shape[0]} image(s) {self.input_shape} from {self.source or '?'}"
-                 f", {self.dtype}", ""]
-        if self.security is not None:
-            lines += [self.security.table(), ""]
-        else:
-            lines += [f"security analysis not applicable: {self.security_error}", ""]
-        if self.leaking_layer is not None:
-            lines += [f"leaking layer: {self.leaking_layer.text}", ""]
-        head = f"{'attack':<8} {'PSNR dB':>8} {'SSIM':>6} {'labels':>6} {'grad dist':>9} {'sec':>7}  notes"
-        lines += [head, "-" * len(head)]
-        for a in self.attacks:
-            if not a.ok:
-                lines.append(f"{a.name:<8} {'-':>8} {'-':>6} {'-':>6} {'-':>9} {a.seconds:>7.1f}  failed: {a.error}")
-                continue
-            note = "; ".join(f"{r.path}: {r.message}" for r in a.layers if r.status)
-            lab = "given" if a.labels_given else f"{a.label_accuracy:.0%}"
-            lines.append(f"{a.name:<8} {a.mean_psnr:>8.2f} {a.mean_ssim:>6.3f} {lab:>6} "
-                         f"{_nanmean(a.gradient_distance):>9.2e} {a.seconds:>7.1f}  {note}")
-        return "\n".join(lines)
-
-    def save(self, out_dir: str | os.PathLike[str]) -> dict[str, str]:
-        """Write ``report.html`` (self-contained), ``metrics.json``, ``truth.png`` and ``recon_<attack>.png``.
-
-        Each ``recon_<attack>.png`` has the true images in its first row and the reconstructions below, upscaled.
-
-        Returns:
-            ``{"html": path, "json": path, "<attack>": png path, "truth": png path}``.
-        """
-        from .. import report
-
-        os.makedirs(out_dir, exist_ok=True)
-        paths = {"html": os.path.join(out_dir, "report.html"), "json": os.path.join(out_dir, "metrics.json"),
-                 "truth": os.path.join(out_dir, "truth.png")}
-        with open(paths["truth"], "wb") as f:
-            f.write(report.png_bytes(report.image_grid([self.truth])))
-        for a in self.attacks:
-            if a.images is None:
-                continue
-            paths[a.name] = os.path.join(out_dir, f"recon_{report.slug(a.name)}.png")
-            with open(paths[a.name], "wb") as f:
-                f.write(report.png_bytes(report.image_grid([self.truth, a.images])))
-        with open(paths["json"], "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        with open(paths["html"], "w", encoding="utf-8") as f:
-            f.write(report.render(self))
-        return paths
-
-
-# ============================================================================================== the audit
-def _check_attacks(attacks: Any) -> tuple[str, ...]:
     if isinstance(attacks, str):
         attacks = (attacks,)
     try:
@@ -354,9 +87,61 @@ def _check_attacks(attacks: Any) -> tuple[str, ...]:
     return names
 
 
-def merged_options(names: tuple[str, ...], attack_options: dict | None) -> dict[str, dict[str, Any]]:
-    """``{attack: options}`` for ``names``: :data:`AUDIT_DEFAULTS` overridden by ``attack_options``, each checked by
-    the registry (``TypeError``/``ValueError`` naming the attack and option)."""
+def check_client(client: Client | None, where: str, *, batches: bool = False) -> Client:
+    """The client's setting (default ``Client()``: one image, one local step, the ``auto`` loss).
+
+    Args:
+        client: a :class:`jaxinv.Client` or ``None``.
+        where: the caller, for the messages.
+        batches: whether the caller can attack batch gradients (``batch_size > 1``); an audit or a sweep scores
+            each image's own gradient and cannot.
+
+    Raises:
+        TypeError: ``client`` is not a :class:`jaxinv.Client`.
+        ValueError: ``batch_size > 1`` where ``batches`` is False.
+    """
+    if client is None:
+        return Client()
+    if not isinstance(client, Client):
+        raise TypeError(f"{where}: client must be a jaxinv.Client(loss, batch_size, local_steps, local_lr), got "
+                        f"{type(client).__name__}")
+    if not batches and client.batch_size not in (None, 1):
+        raise ValueError(f"{where}: client.batch_size={client.batch_size}, but {where} scores each image's own "
+                         "single-image gradient: use batch_size=None (attack batch gradients with jaxinv.attack)")
+    return client
+
+
+def client_keywords(client: Client) -> dict[str, Any]:
+    """The fields of ``client`` that differ from ``Client()``, as the flat keywords :func:`jaxinv.security` and the
+    attacks take (``loss``, ``batch_size``, ``local_steps``, ``local_lr``): empty for the default client.
+
+    Example:
+        >>> client_keywords(Client(local_steps=2, local_lr=0.1))
+        {'local_steps': 2, 'local_lr': 0.1}
+    """
+    out: dict[str, Any] = {}
+    if client.loss != "auto":
+        out["loss"] = client.loss
+    if client.batch_size not in (None, 1):
+        out["batch_size"] = client.batch_size
+    if client.fedavg:
+        out.update(local_steps=client.local_steps, local_lr=client.local_lr)
+    return out
+
+
+def merged_options(names: tuple[str, ...], attack_options: dict | None, client: Client | None = None, *,
+                   defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """``{attack: options}`` for ``names``: ``defaults`` (:data:`AUDIT_DEFAULTS`), then the client's setting
+    (:func:`client_keywords`: what the attacker assumes about the client), then ``attack_options``, each checked by
+    the registry.
+
+    Raises:
+        TypeError: ``attack_options`` is not ``{attack: {option: value}}``; an option unknown to its attack or of
+            the wrong type (naming the attack and option).
+        ValueError: options for an attack not in ``names``; an attack that cannot model the client (e.g. ``dlg``
+            for a FedAvg client with ``local_steps > 1``).
+    """
+    defaults = AUDIT_DEFAULTS if defaults is None else defaults
     attack_options = {} if attack_options is None else attack_options
     if not isinstance(attack_options, dict) or not all(isinstance(v, dict) for v in attack_options.values()):
         raise TypeError("attack_options must be a dict {attack name: {option: value}}, e.g. "
@@ -364,17 +149,73 @@ def merged_options(names: tuple[str, ...], attack_options: dict | None) -> dict[
     extra = [k for k in attack_options if k not in names]
     if extra:
         raise ValueError(f"attack_options has options for {extra[0]!r}, which is not in attacks {names}")
-    opts = {n: {**AUDIT_DEFAULTS.get(n, {}), **attack_options.get(n, {})} for n in names}
+    implied = client_keywords(client) if client is not None else {}
+    for n in names:
+        for k, v in implied.items():
+            try:
+                check_options(n, {k: v})
+            except TypeError:
+                raise ValueError(f"attack {n!r} cannot model this client ({client}): it takes no {k!r}; leave {n!r} "
+                                 "out of attacks, or audit the default client") from None
+    opts = {n: {**defaults.get(n, {}), **implied, **attack_options.get(n, {})} for n in names}
     for n in names:
         check_options(n, opts[n])
     return opts
 
 
-def _metrics(rec_images: jax.Array, truth: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    from .. import metrics
+def check_images(images: Any, input_shape: tuple[int, ...], *, name: str = "images") -> jax.Array:
+    """``images`` as an array ``(N, *input_shape)`` of finite values in ``[0, 1]``, or a ``ValueError`` naming it."""
+    try:
+        x = jnp.asarray(images)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array of shape (N, *{input_shape}), got {type(images).__name__}") from None
+    if x.ndim == len(input_shape):
+        x = x[None]
+    if x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape) or x.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (N, {', '.join(map(str, input_shape))}) for this model's input "
+                         f"{tuple(input_shape)}, got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be floating point in [0, 1], got dtype {x.dtype}")
+    xs = np.asarray(x)
+    if not np.all(np.isfinite(xs)):
+        raise ValueError(f"{name} has non-finite values (NaN/inf)")
+    if xs.min() < -1e-6 or xs.max() > 1 + 1e-6:
+        raise ValueError(f"{name} must be in [0, 1] (the range PSNR/SSIM and the attacks' box assume), got "
+                         f"values in [{xs.min():.3g}, {xs.max():.3g}]; rescale, and normalise inside the model")
+    return x
 
-    t = truth  # the model's dtype: float64 reconstructions keep their precision
-    img = jnp.clip(rec_images, 0.0, 1.0).astype(t.dtype).reshape(t.shape)
+
+def param_dtype(model: Model) -> jnp.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none): the audit's dtype."""
+    for leaf in jax.tree_util.tree_leaves(model.params):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            return jnp.result_type(leaf)
+    return jnp.dtype(jnp.float32)
+
+
+# ============================================================================================== one attack
+def shared_gradients(model: Model, images: Float[ArrayLike, "N *shape"], labels: Int[ArrayLike, " N"],
+                     client: Client) -> PyTree:
+    r"""What each image's client shares, stacked on a leading axis of every leaf: the single-image gradient
+    :math:`\nabla_\theta \ell(f_\theta(x_i), y_i)` with the client's loss or, for ``local_steps`` :math:`K > 1`,
+    the FedAvg update read as a gradient, :math:`-\Delta_i / (K\eta)` (:func:`jaxinv.update_as_gradient`)."""
+
+    def one(x, y):
+        if client.fedavg:
+            steps, lr = client.local_steps, client.local_lr
+            update = local_update(model, x[None], y[None], steps=steps, lr=lr, loss=client.loss)
+            return update_as_gradient(update, steps=steps, lr=lr)
+        return client_gradient(model, x[None], y[None], loss=client.loss)
+
+    return jax.vmap(one)(jnp.asarray(images), jnp.asarray(labels))
+
+
+def image_scores(images: Float[ArrayLike, "N *shape"], truth: Float[ArrayLike, "N *shape"]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image PSNR and SSIM of ``images`` clipped to ``[0, 1]`` against ``truth`` (data range 1), in the
+    truth's dtype; SSIM is NaN for images smaller than its 11 x 11 window, both are NaN for non-image inputs."""
+    t = jnp.asarray(truth)  # the model's dtype: float64 reconstructions keep their precision
+    img = jnp.clip(jnp.asarray(images), 0.0, 1.0).astype(t.dtype).reshape(t.shape)
     if img.ndim != 4:  # metrics work on (N, H, W, C) images
         return np.full(len(t), np.nan), np.full(len(t), np.nan)
     p = np.asarray(metrics.psnr(img, t), np.float64)
@@ -383,16 +224,22 @@ def _metrics(rec_images: jax.Array, truth: jax.Array) -> tuple[np.ndarray, np.nd
     return p, s
 
 
-def _layer_residuals(rec) -> tuple[LayerResidual, ...]:
+def layer_residuals(rec: Any) -> tuple[LayerResidual, ...]:
+    """A :class:`jaxinv.Reconstruction`'s per-layer reports averaged over its targets (worst status)."""
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for r in rec.layers:
             out.append(LayerResidual(
-                path=r.path, forward_residual=_nanmean(r.forward_residual),
-                gradient_residual=_nanmean(r.gradient_residual), bias_residual=_nanmean(r.bias_residual),
-                steps=_nanmean(r.steps), status=int(np.max(np.asarray(r.status)))))
+                path=r.path, forward_residual=nanmean(r.forward_residual),
+                gradient_residual=nanmean(r.gradient_residual), bias_residual=nanmean(r.bias_residual),
+                steps=nanmean(r.steps), status=int(np.max(np.asarray(r.status)))))
     return tuple(out)
+
+
+def error_text(e: Exception) -> str:
+    """``"ErrorType: first line of the message"``: how a failure that does not stop an audit is recorded."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def run_attack(
@@ -444,45 +291,17 @@ def run_attack(
         return AttackResult(name, options, None, None, nan, nan, float("nan"), nan, time.perf_counter() - t0,
                             (), f"{type(e).__name__}: {msg}")
     seconds = time.perf_counter() - t0
-    p, s = _metrics(rec.image, truth)
+    p, s = image_scores(rec.image, truth)
     rec_labels = np.asarray(rec.label).reshape(-1)
     return AttackResult(
         name=name, options=options, images=np.asarray(rec.image, np.float32).reshape(truth.shape),
         labels=rec_labels, psnr=p, ssim=s,
         label_accuracy=float("nan") if given else float(np.mean(rec_labels == labels)),
         gradient_distance=np.asarray(rec.gradient_distance, np.float64).reshape(-1), seconds=seconds,
-        layers=_layer_residuals(rec), labels_given=given)
+        layers=layer_residuals(rec), labels_given=given)
 
 
-def _param_dtype(model: Model):
-    for leaf in jax.tree_util.tree_leaves(model.params):
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            return jnp.result_type(leaf)
-    return jnp.dtype(jnp.float32)
-
-
-def check_images(images: Any, input_shape: tuple[int, ...], *, name: str = "images") -> jax.Array:
-    """``images`` as an array ``(N, *input_shape)`` of finite values in ``[0, 1]``, or a ``ValueError`` naming it."""
-    try:
-        x = jnp.asarray(images)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an array of shape (N, *{input_shape}), got {type(images).__name__}") from None
-    if x.ndim == len(input_shape):
-        x = x[None]
-    if x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape) or x.shape[0] < 1:
-        raise ValueError(f"{name} must have shape (N, {', '.join(map(str, input_shape))}) for this model's input "
-                         f"{tuple(input_shape)}, got {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be floating point in [0, 1], got dtype {x.dtype}")
-    xs = np.asarray(x)
-    if not np.all(np.isfinite(xs)):
-        raise ValueError(f"{name} has non-finite values (NaN/inf)")
-    if xs.min() < -1e-6 or xs.max() > 1 + 1e-6:
-        raise ValueError(f"{name} must be in [0, 1] (the range PSNR/SSIM and the attacks' box assume), got "
-                         f"values in [{xs.min():.3g}, {xs.max():.3g}]; rescale, and normalise inside the model")
-    return x
-
-
+# ============================================================================================== the audit
 def audit(
     model: Model,
     images: Float[ArrayLike, "N *shape"],
@@ -492,6 +311,7 @@ def audit(
     key: PRNGKeyArray,
     attack_options: dict[str, dict[str, Any]] | None = None,
     input_shape: tuple[int, ...] | None = None,
+    client: Client | None = None,
     progress: Callable[[int, int, str], Any] | None = None,
     source: str = "",
 ) -> AuditResult:
@@ -511,6 +331,9 @@ def audit(
         attack_options: ``{attack: {option: value}}`` over :data:`AUDIT_DEFAULTS` (e.g.
             ``{"ig": {"max_steps": 200}}``; :func:`step_options` caps every optimisation attack at once).
         input_shape: one input without the batch axis (default: the model's).
+        client: the client's setting (:class:`jaxinv.Client`; default one image, one local step, ``auto`` loss):
+            its loss and FedAvg steps make each image's shared object, and the security analysis and the attacks
+            assume it (``attack_options`` override the attacks' assumption); ``batch_size`` must stay ``None``.
         progress: called as ``progress(i, total, stage)`` before stage ``i`` of ``total`` (``i == total``:
             ``"done"``); for a progress line.
         source: where the images came from, shown in the report.
@@ -519,10 +342,10 @@ def audit(
         An :class:`AuditResult` (``.table()``, ``.to_dict()``, ``.save(out_dir)``).
 
     Raises:
-        TypeError: ``model`` not a :class:`jaxinv.Model`, a bad ``key``, or an attack option unknown or of the wrong
-            type (the message lists the accepted ones).
+        TypeError: ``model`` not a :class:`jaxinv.Model`, a bad ``key`` or ``client``, or an attack option unknown
+            or of the wrong type (the message lists the accepted ones).
         ValueError: an unknown attack, options for an attack not in ``attacks``, ``images`` of the wrong shape or
-            outside ``[0, 1]``, labels out of range.
+            outside ``[0, 1]``, labels out of range, an attack that cannot model ``client``.
 
     Example:
         >>> from jaxinv import data, zoo
@@ -538,10 +361,11 @@ def audit(
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jaxinv.Model (from_linen / from_nnx / from_fn), got {type(model).__name__}")
     key = check_key(key, "audit", required=True)
-    names = _check_attacks(attacks)
-    opts = merged_options(names, attack_options)
+    client = check_client(client, "audit")
+    names = check_attacks(attacks)
+    opts = merged_options(names, attack_options, client)
     shape = model.resolve_input_shape(input_shape)
-    dtype = _param_dtype(model)
+    dtype = param_dtype(model)
     x = check_images(images, shape).astype(dtype)
     N = x.shape[0]
     k_sec, k_lab, k_att = jax.random.split(key, 3)
@@ -562,11 +386,11 @@ def audit(
     step(0, "security analysis")
     rep, err = None, None
     try:
-        rep = security(model, input_shape=shape, key=k_sec)
+        rep = security(model, input_shape=shape, key=k_sec, **client_keywords(client))
     except ValueError as e:  # UnsupportedModelError and friends: the layer-wise analysis does not apply
-        err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        err = error_text(e)
     step(1, f"gradients of {N} image(s)")
-    grads = stacked_gradients(model, x, y)
+    grads = shared_gradients(model, x, y, client)
     results = []
     for i, n in enumerate(names):
         step(2 + i, f"attack {n} on {N} image(s)")

@@ -40,14 +40,76 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray
 
-from .._checks import check_key
-from .._gradient import stacked_gradients
+from .. import data
+from .._checks import check_key, merge_options, no_more_keywords, positive_int
+from .._client import Client
+from .._gradient import check_labels, num_labels
 from .._model import Model
+from .._security import security as security_report
+from .._version import __version__
+from ._audit import (
+    check_attacks,
+    check_client,
+    check_images,
+    client_keywords,
+    error_text,
+    merged_options,
+    run_attack,
+    shared_gradients,
+)
+from ._result import jsonable, leaking_layer
+from ._targets import load_target
 
 #: A defence: a function ``(grads, key) -> grads`` on one client's gradient pytree (one target).
 Defence = Callable[[Any, Any], Any]
 
 BACKENDS = ("local", "ray")
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """Where and how a sweep's tasks run (validated at construction).
+
+    Attributes:
+        backend: ``"local"`` (this process, its default devices) or ``"ray"`` (the Ray cluster ``ray.init``
+            connected to; a local one is started if none is).
+        chunk: images per task (stacked targets of one call).
+        resources: Ray resources per task (default ``{"num_cpus": 1}``), e.g. ``{"num_gpus": 1}``.
+        resume: skip runs already in the output file; ``False`` starts the file afresh.
+
+    Example:
+        >>> Execution(backend="ray", chunk=4).chunk
+        4
+    """
+
+    backend: str = "local"
+    chunk: int = 8
+    resources: Mapping[str, float] | None = None
+    resume: bool = True
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        positive_int(self.chunk, "chunk")
+        if self.resources is not None and not (
+                isinstance(self.resources, Mapping) and all(isinstance(k, str) for k in self.resources)):
+            raise TypeError(f"resources must be a dict of Ray resources such as {{'num_gpus': 1}}, got "
+                            f"{self.resources!r}")
+
+
+def ray_module(address: str | None = None, *, connect: bool = False) -> Any:
+    """Ray (the extra ``jaxinv[ray]``); with ``connect``, ``ray.init(address)`` unless Ray is initialised already.
+
+    Raises:
+        ImportError: Ray is not installed (``pip install 'jaxinv[ray]'``).
+    """
+    try:
+        import ray  # optional dependency (jaxinv[ray]): imported only when a sweep runs on Ray
+    except ImportError:
+        raise ImportError("backend='ray' needs Ray: pip install 'jaxinv[ray]'") from None
+    if connect and not ray.is_initialized():
+        ray.init(address=address)
+    return ray
 
 
 # ============================================================================================== tasks
@@ -68,10 +130,11 @@ class _Task:
     labels: np.ndarray | None
     key: np.ndarray  # raw key data (uint32), picklable
     input_shape: tuple[int, ...]
+    client: Client
 
     def row_keys(self) -> list[tuple]:
         if self.kind == "security":
-            return [("security", self.model_name, self.defence_name, "", "", -1)]
+            return [("security", self.model_name, self.defence_name, "", self.options_text, -1)]
         return [("attack", self.model_name, self.defence_name, self.attack, self.options_text, i) for i in self.indices]
 
 
@@ -85,8 +148,6 @@ _WORKER_MODELS: dict[str, Model] = {}  # per process: models built or received o
 
 def _resolve(name: str, m: Any) -> Model:
     """The model of a task: given, or built once per process from its zoo name / factory string."""
-    from ._targets import load_target
-
     if isinstance(m, Model):
         return _WORKER_MODELS.setdefault(f"{name}:{id(m)}", m)
     token = f"{m}:"
@@ -96,21 +157,14 @@ def _resolve(name: str, m: Any) -> Model:
 
 
 def _meta(backend: str) -> dict:
-    from .. import __version__
-
     meta = {"host": socket.gethostname(), "backend": backend, "device": jax.default_backend(), "jaxinv": __version__}
     if backend == "ray":
-        import ray
-
-        meta["node"] = ray.get_runtime_context().get_node_id()
+        meta["node"] = ray_module().get_runtime_context().get_node_id()
     return meta
 
 
 def run_task(task: _Task, backend: str = "local") -> list[dict]:
     """Run one task and return its rows (never raises for a model or attack that cannot run: ``error`` says why)."""
-    from ._audit import _jsonable, leaking_layer, run_attack
-    from .._security._security import security
-
     meta = _meta(backend)
     base = {"model": task.model_name, "defence": task.defence_name}
     key = jax.random.wrap_key_data(jnp.asarray(task.key))
@@ -118,25 +172,25 @@ def run_task(task: _Task, backend: str = "local") -> list[dict]:
     try:
         model = _resolve(task.model_name, task.model)
     except ValueError as e:
-        err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        err = error_text(e)
         keys = task.row_keys()
         return [dict(kind=k[0], **base, attack=k[3], options_text=k[4], image=k[5], error=err, **meta) for k in keys]
     if task.kind == "security":
-        row = dict(kind="security", **base, attack="", options_text="", image=-1)
+        row = dict(kind="security", **base, attack="", options_text=task.options_text, image=-1)
         try:
-            rep = security(model, input_shape=task.input_shape, key=key, defence=task.defence)
+            rep = security_report(model, input_shape=task.input_shape, key=key, defence=task.defence,
+                                  **client_keywords(task.client))
         except ValueError as e:
-            return [dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                         seconds=time.perf_counter() - t0, **meta)]
+            return [dict(row, error=error_text(e), seconds=time.perf_counter() - t0, **meta)]
         leak = leaking_layer(rep)
-        return [_jsonable(dict(row, error=None, score=rep.score, verdict=rep.verdict, copa_index=rep.copa_index,
-                               rgap_index=rep.rgap_index, leaking_layer=leak.path,
-                               deficiencies={l.path: l.deficiency for l in rep.layers},
-                               seconds=time.perf_counter() - t0, **meta))]
+        return [jsonable(dict(row, error=None, score=rep.score, verdict=rep.verdict, copa_index=rep.copa_index,
+                              rgap_index=rep.rgap_index, leaking_layer=leak.path,
+                              deficiencies={l.path: l.deficiency for l in rep.layers},
+                              seconds=time.perf_counter() - t0, **meta))]
     k_def, k_att = jax.random.split(key)
     x = jnp.asarray(task.images)
     y = jnp.asarray(task.labels)
-    grads = stacked_gradients(model, x, y)
+    grads = shared_gradients(model, x, y, task.client)
     if task.defence is not None:
         keys = jax.random.split(k_def, x.shape[0])
         grads = jax.vmap(task.defence)(grads, keys)
@@ -145,7 +199,7 @@ def run_task(task: _Task, backend: str = "local") -> list[dict]:
     rows = []
     for j, i in enumerate(task.indices):
         p = float(res.psnr[j])
-        rows.append(_jsonable(dict(
+        rows.append(jsonable(dict(
             kind="attack", **base, attack=task.attack, options=task.options, options_text=task.options_text, image=i,
             label=int(task.labels[j]), label_recovered=None if res.labels is None else int(res.labels[j]),
             labels_given=res.labels_given, psnr=p, exact=bool(np.isposinf(p)), ssim=float(res.ssim[j]),
@@ -203,15 +257,28 @@ def _defences(defences: Any) -> dict[str, Defence | None]:
     return dict(defences)
 
 
+def _images(images: Any) -> tuple[jax.Array | None, int]:
+    """``(photos or None, N)``: the given square images, or ``None`` and a number of bundled photos."""
+    if isinstance(images, (int, np.integer)) and not isinstance(images, bool):
+        if int(images) < 1:
+            raise ValueError(f"images must be a positive number of bundled photos or an array, got {images}")
+        return None, int(images)
+    photos = jnp.asarray(images)
+    if photos.ndim != 4:
+        raise ValueError(f"images must have shape (N, s, s, C) or be a number of photos, got shape "
+                         f"{tuple(photos.shape)}")
+    return photos, photos.shape[0]
+
+
 def _read_done(path: str) -> dict[tuple, dict]:
     """Rows already in the file, by identity; a torn last line (an interrupted write) is cut off."""
     done: dict[tuple, dict] = {}
     if not os.path.exists(path):
         return done
     with open(path, "rb") as f:
-        data = f.read()
+        blob = f.read()
     good = 0
-    for line in data.splitlines(keepends=True):
+    for line in blob.splitlines(keepends=True):
         if not line.endswith(b"\n"):
             break
         try:
@@ -220,7 +287,7 @@ def _read_done(path: str) -> dict[tuple, dict]:
             break
         done[_row_key(row)] = row
         good += len(line)
-    if good != len(data):
+    if good != len(blob):
         with open(path, "r+b") as f:
             f.truncate(good)
     return done
@@ -236,12 +303,11 @@ def sweep(
     defences: Mapping[str, Defence | None] | None = None,
     labels: Int[ArrayLike, " N"] | None = None,
     attack_options: dict[str, dict[str, Any]] | None = None,
+    client: Client | None = None,
     security: bool = True,
-    chunk: int = 8,
-    backend: str = "local",
-    resources: dict[str, float] | None = None,
-    resume: bool = True,
+    execution: Execution | None = None,
     progress: Callable[[int, int, dict], Any] | None = None,
+    **kwargs: Any,
 ) -> list[dict]:
     """Run every (model, defence, attack, image) and write one JSONL row per run; resumable.
 
@@ -254,64 +320,51 @@ def sweep(
         key: JAX PRNG key: labels (when not given), the defences' noise and the attacks' random starts, derived per
             model, defence, attack and chunk from names, so adding a model does not change the others' rows.
         attacks: names from :data:`jaxinv.ATTACKS`; ``attack_options``: ``{attack: {option: value}}`` over
-            :data:`jaxinv.AUDIT_DEFAULTS`.
+            the audit's budgets (``AUDIT_DEFAULTS``).
         defences: ``{name: defence}`` or a sequence of :mod:`jaxinv.defences` (named by their ``.name``), a defence
             being ``(grads, key) -> grads`` on one client's gradient (vmapped over the images), ``None`` for no
             defence; default ``{"none": None}``.
         labels: ``(N,)`` labels for every model (default: random per model from ``key``).
+        client: the client's setting (:class:`jaxinv.Client`, as in :func:`jaxinv.audit`; ``batch_size`` must stay
+            ``None``); a client other than the default is part of every row's identity.
         security: also write one ``kind: "security"`` row per model and defence (:func:`jaxinv.security` with
             ``defence=``: the predicted PSNR under it).
-        chunk: images per task (stacked targets of one call).
-        backend: ``"local"`` (this process, its default devices) or ``"ray"`` (the Ray cluster ``ray.init`` connected
-            to; a local one is started if none is).
-        resources: Ray resources per task (default ``{"num_cpus": 1}``), e.g. ``{"num_gpus": 1}``.
-        resume: skip runs already in ``out``; ``False`` starts the file afresh.
+        execution: where and how the tasks run (:class:`Execution`: ``backend``, ``chunk``, ``resources``,
+            ``resume``); its fields are also accepted as keywords (``backend="ray"``, ``chunk=4``, ...).
         progress: called as ``progress(done, total, task_description)`` after each task.
 
     Returns:
         The rows of this sweep's runs (those found in ``out`` and the new ones), in grid order.
 
     Raises:
-        TypeError, ValueError: bad models, defences, attacks, options, images, labels or backend (before any run);
-        ImportError: ``backend="ray"`` without Ray installed (``pip install 'jaxinv[ray]'``).
+        TypeError, ValueError: bad models, defences, attacks, options, client, images, labels or execution (before
+            any run); ImportError: ``backend="ray"`` without Ray installed (``pip install 'jaxinv[ray]'``).
 
     Example:
         >>> rows = jaxinv.sweep(["cnn2_c1", "cnn3_c1"], 8, attacks=("copa", "hybrid"), out="sweep.jsonl",
         ...                     key=jax.random.key(0))
         >>> import pandas as pd; pd.read_json("sweep.jsonl", lines=True).groupby(["model", "attack"]).psnr.mean()
     """
-    from .. import data
-    from ._audit import _check_attacks, _jsonable, check_images, merged_options
-    from .._gradient import check_labels, num_labels
-
+    run = merge_options(execution, Execution, kwargs, "sweep")
+    no_more_keywords(kwargs, "sweep", "its own and the fields of jaxinv.Execution (backend, chunk, resources, resume)")
+    if run.backend == "ray":
+        ray_module()  # Ray missing: an ImportError before anything runs
     key = check_key(key, "sweep", required=True)
+    client = check_client(client, "sweep")
     mods = _models(models)
     defs = _defences(defences)
-    names = _check_attacks(attacks)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
-    opts = merged_options(names, attack_options)
-    opt_text = {n: json.dumps(_jsonable(opts[n]), sort_keys=True) for n in names}
-    if isinstance(images, (int, np.integer)) and not isinstance(images, bool):
-        base_images = None
-        n_img = int(images)
-        if n_img < 1:
-            raise ValueError(f"images must be a positive number of bundled photos or an array, got {images}")
-    else:
-        base_images = jnp.asarray(images)
-        if base_images.ndim != 4:
-            raise ValueError(f"images must have shape (N, s, s, C) or be a number of photos, got shape "
-                             f"{tuple(base_images.shape)}")
-        n_img = base_images.shape[0]
+    names = check_attacks(attacks)
+    opts = merged_options(names, attack_options, client)
+    opt_text = {n: json.dumps(jsonable(opts[n]), sort_keys=True) for n in names}
+    sec_text = json.dumps(jsonable(client_keywords(client)), sort_keys=True) if client_keywords(client) else ""
+    base_images, n_img = _images(images)
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         if labels.shape[0] != n_img:
             raise ValueError(f"labels must have one entry per image ({n_img}), got {labels.shape[0]}")
 
     path = os.fspath(out)
-    if not resume and os.path.exists(path):
+    if not run.resume and os.path.exists(path):
         os.remove(path)
     done = _read_done(path)
 
@@ -321,6 +374,7 @@ def sweep(
             k = jax.random.fold_in(k, zlib.crc32(p.encode()) & 0x7FFFFFFF)
         return np.asarray(jax.random.key_data(k))
 
+    chunk = run.chunk
     tasks: list[_Task] = []
     order: list[tuple] = []
     for mname, m in mods.items():
@@ -333,7 +387,7 @@ def sweep(
         mkey = seed("model", mname)
         if security:  # one report per defence: the score predicts the layer-wise attack under it
             for dname, d in defs.items():
-                t = _Task("security", mname, m, dname, d, "", {}, "", (), None, None, mkey, shape)
+                t = _Task("security", mname, m, dname, d, "", {}, sec_text, (), None, None, mkey, shape, client)
                 order += t.row_keys()
                 if any(k not in done for k in t.row_keys()):
                     tasks.append(t)
@@ -363,7 +417,7 @@ def sweep(
                     # model and attack
                     take = np.minimum(np.arange(s, s + min(chunk, n_img)), n_img - 1)
                     tasks.append(_Task("attack", mname, m, dname, d, a, opts[a], opt_text[a], idx, x[take], y[take],
-                                       tkey, shape))
+                                       tkey, shape, client))
 
     with open(path, "a") as f:
         def write(rows: list[dict], task: _Task, i: int):
@@ -376,21 +430,16 @@ def sweep(
                 progress(i, len(tasks), {"kind": task.kind, "model": task.model_name, "defence": task.defence_name,
                                          "attack": task.attack, "images": list(task.indices)})
 
-        if backend == "local":
+        if run.backend == "local":
             for i, t in enumerate(tasks):
                 write(run_task(t, "local"), t, i + 1)
         else:
-            _run_ray(tasks, write, resources or {"num_cpus": 1})
+            _run_ray(tasks, write, run.resources or {"num_cpus": 1})
     return [done[k] for k in order if k in done]
 
 
-def _run_ray(tasks: list[_Task], write, resources: dict) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ImportError("backend='ray' needs Ray: pip install 'jaxinv[ray]'") from None
-    if not ray.is_initialized():
-        ray.init()
+def _run_ray(tasks: list[_Task], write, resources: Mapping[str, float]) -> None:
+    ray = ray_module(connect=True)
     remote = ray.remote(**resources)(run_task)
     pending = {remote.remote(t, "ray"): t for t in tasks}
     finished = 0

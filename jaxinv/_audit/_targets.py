@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 import jax
 
+from .. import zoo
 from .._model import Model, from_linen
 
 FACTORY_CONTRACT = (
@@ -55,8 +56,6 @@ def load_target(target: str, input_shape: tuple[int, ...] | None = None, seed: i
         ValueError: unknown zoo name, a module that does not import, a missing or non-callable factory, a factory
             that raises or returns something else, or no input shape; every message names ``target``.
     """
-    from .. import zoo
-
     if not isinstance(target, str) or not target:
         raise ValueError(f"MODEL must be a zoo name or package.module:factory, got {target!r}")
     if ":" not in target:

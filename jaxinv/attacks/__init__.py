@@ -12,33 +12,55 @@ name        method                                                              
 ==========  =====================================================================  =========================
 
 Every attack returns a :class:`jaxinv.Reconstruction`. The optimisation attacks work on any differentiable model
-and on batch gradients (option ``batch_size``); each runs as one compiled loop.
+and on batch gradients (``batch_size`` of the :class:`jaxinv.Client`); each runs as one compiled loop. Options come
+as objects (``client=Client(...)``, ``options=IGOptions(...)`` / ``DLGOptions(...)``) or as their fields in flat
+keywords (``max_steps=...``); :func:`check_options` checks them against each attack's signature.
+
+Floor: above the engine (:mod:`jaxinv.engine`, whose public names ``copa``, ``rgap`` and ``hybrid`` use) and the
+priors (:mod:`jaxinv._priors`); below the security metric and the audit.
 """
 
 from .._labels import recover_labels
-from ._dlg import dlg, idlg
-from ._ig import ig, multistep_schedule
+from .._priors import project_box, total_variation
+from ._dlg import DLGOptions, dlg, idlg
+from ._hybrid import HybridOptions, hybrid
+from ._ig import IGOptions, ig, milestones, multistep_schedule
 from ._objectives import (
+    LoopResult,
     candidate_gradient,
+    candidate_shared,
+    candidate_update_gradient,
     cosine_distance,
+    hard_targets,
     l2_distance,
-    project_box,
+    minimise,
     relative_distance,
     soft_cross_entropy,
-    total_variation,
 )
-from ._registry import ATTACKS, attack
+from ._registry import ATTACKS, RENAMED, attack, check_options
 from ._rgap import rgap
 
 __all__ = [
     "ATTACKS",
+    "DLGOptions",
+    "HybridOptions",
+    "IGOptions",
+    "LoopResult",
+    "RENAMED",
     "attack",
     "candidate_gradient",
+    "candidate_shared",
+    "candidate_update_gradient",
+    "check_options",
     "cosine_distance",
     "dlg",
+    "hard_targets",
+    "hybrid",
     "idlg",
     "ig",
     "l2_distance",
+    "milestones",
+    "minimise",
     "multistep_schedule",
     "project_box",
     "recover_labels",

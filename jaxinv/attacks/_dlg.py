@@ -22,63 +22,89 @@ off the head's gradient first (:func:`jaxinv.recover_label`: with cross-entropy 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
-from .._gradient import validate_grads
-from .._labels import recover_label, recover_labels
-from .._model import Model, UnsupportedModelError
-from .._maps import with_leaf
+from .._checks import positive_int
+from .._client import Client
+from .._model import Model
 from .._result import Reconstruction
-from . import _objectives as obj
+from ._objectives import candidate_shared, hard_targets, l2_distance, minimise, random_image, relative_distance
+from ._problem import Spec, attack_options, check_loop, run_attack
 
-# ------------------------------------------------------------------------------------------------------- labels
-
-
-def _labels_for(model, grads, problem: obj.Problem, input_shape) -> Array:
-    """Given labels, or the recovered ones: ``(B,)`` per target, ``(T, 1)`` for stacked targets."""
-    if problem.labels is not None:
-        return problem.labels
-    if problem.stacked is not None:
-        return jax.vmap(lambda g: recover_labels(model, g, 1, input_shape=input_shape))(grads)
-    return recover_labels(model, grads, problem.batch_size, input_shape=input_shape)
+__all__ = ["DLGOptions", "dlg", "idlg"]
 
 
-# --------------------------------------------------------------------------------------------------------- DLG
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DLGOptions:
+    """Options of :func:`dlg` and :func:`idlg` (validated at construction; hashable: the compiled loop is keyed by
+    them, a change recompiles).
+
+    Attributes:
+        max_steps: L-BFGS iterations (each one line search of one or more evaluations).
+        memory_size: L-BFGS history (PyTorch's default, which DLG used, is 100).
+        max_evaluations: optional budget of objective-and-gradient evaluations (line-search steps included):
+            the run stops after the iteration that reaches it. For comparisons at equal cost with attacks that
+            evaluate once per step (IG, hybrid).
+        tol, window: stop when the objective's relative change over ``window`` steps is below ``tol``.
+        log_every: objective logged (and ``callback(step, loss)`` called) every ``log_every`` steps.
+        callback: optional host callback ``(step, loss) -> None`` (via ``jax.debug.callback``).
+
+    Raises:
+        ValueError: at construction, naming the field (a non-positive count, a negative or non-finite ``tol``).
+        TypeError: a ``callback`` that is not callable.
+
+    Example:
+        >>> DLGOptions(max_steps=300).memory_size
+        100
+        >>> DLGOptions(max_steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: DLGOptions: max_steps must be a positive integer, got 0
+    """
+
+    max_steps: int = 1000
+    memory_size: int = 100
+    max_evaluations: int | None = None
+    tol: float = 1e-6
+    window: int = 25
+    log_every: int = 10
+    callback: Callable[[int, float], Any] | None = None
+
+    def __post_init__(self):
+        check_loop(self, "DLGOptions")
+        object.__setattr__(self, "memory_size", positive_int(self.memory_size, "memory_size", "DLGOptions"))
+        if self.max_evaluations is not None:
+            object.__setattr__(self, "max_evaluations",
+                               positive_int(self.max_evaluations, "max_evaluations", "DLGOptions"))
 
 
-class _DLGOptions(eqx.Module):
-    batch_size: int = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
-    memory_size: int = eqx.field(static=True)
-    tol: float = eqx.field(static=True)
-    window: int = eqx.field(static=True)
-    log_every: int = eqx.field(static=True)
-    callback: Callable | None = eqx.field(static=True)
-    max_evaluations: int | None = eqx.field(static=True, default=None)
-
-
-def _dlg_one(model: Model, gleaves, labels, key, shape, K, o: _DLGOptions):
+def _dlg_one(model: Model, gleaves, labels, key, spec: Spec):
     """DLG (labels ``None``) or iDLG (labels ``(B,)``) on one target; returns ``(x, label, trace, distance)``."""
+    o: DLGOptions = spec.options
+    K = spec.num_outputs
     dtype = model.dtype
     kx, ky = jax.random.split(key)
-    x0 = obj.random_image(kx, (o.batch_size,) + shape, None, dtype)
+    x0 = random_image(kx, (spec.batch_size,) + spec.input_shape, None, dtype)
     z0 = {"x": x0}
     if labels is None:
-        z0["y"] = jax.random.normal(ky, (o.batch_size, K), dtype)
+        z0["y"] = jax.random.normal(ky, (spec.batch_size, K), dtype)
 
     def targets(z):
         if labels is not None:
-            return obj.hard_targets(labels, K, dtype)
+            return hard_targets(labels, K, dtype)
         return jax.nn.sigmoid(z["y"]) if K == 1 else jax.nn.softmax(z["y"], axis=-1)
 
+    def shared(x, t):
+        return candidate_shared(model.apply_fn, model.params, x, t, spec.client)
+
     def f(z):
-        return obj.l2_distance(obj.candidate_gradient(model.apply_fn, model.params, z["x"], targets(z)), gleaves)
+        return l2_distance(shared(z["x"], targets(z)), gleaves)
 
     opt = optax.lbfgs(memory_size=o.memory_size)
     value_and_grad = optax.value_and_grad_from_state(f)
@@ -93,44 +119,14 @@ def _dlg_one(model: Model, gleaves, labels, key, shape, K, o: _DLGOptions):
         return (optax.apply_updates(z, updates), state, evals), value, z
 
     stop = None if o.max_evaluations is None else (lambda c: c[2] >= o.max_evaluations)
-    res = obj.minimise(step, (z0, opt.init(z0), jnp.zeros((), jnp.int32)), z0, max_steps=o.max_steps,
-                       log_every=o.log_every, tol=o.tol, window=o.window, callback=o.callback, stop=stop)
+    res = minimise(step, (z0, opt.init(z0), jnp.zeros((), jnp.int32)), z0, max_steps=o.max_steps,
+                   log_every=o.log_every, tol=o.tol, window=o.window, callback=o.callback, stop=stop)
     z = res.params
     if labels is None:
         lab = (z["y"][:, 0] > 0).astype(jnp.int32) if K == 1 else jnp.argmax(z["y"], axis=-1).astype(jnp.int32)
     else:
         lab = labels.astype(jnp.int32)
-    g_hat = obj.candidate_gradient(model.apply_fn, model.params, z["x"], obj.hard_targets(lab, K, dtype))
-    return z["x"], lab, res.trace, obj.relative_distance(g_hat, gleaves)
-
-
-@eqx.filter_jit
-def _dlg_run(model, gleaves, labels, key, shape, K, o, stacked):
-    if stacked:
-        keys = jax.random.split(key, gleaves[0].shape[0])
-        x, lab, trace, dist = jax.vmap(lambda g, y, k: _dlg_one(model, g, y, k, shape, K, o),
-                                       in_axes=(0, None if labels is None else 0, 0))(gleaves, labels, keys)
-        return x.reshape((-1,) + shape), lab.reshape(-1), trace, dist
-    x, lab, trace, dist = _dlg_one(model, gleaves, labels, key, shape, K, o)
-    return x, lab, trace[None], dist[None]
-
-
-def _dlg_attack(name, model, grads, label, input_shape, key, batch_size, loss, max_steps, memory_size, tol, window,
-                log_every, callback, recover, max_evaluations):
-    p = obj.prepare(model, grads, label=label, input_shape=input_shape, key=key, batch_size=batch_size, loss=loss,
-                    attack=name)
-    timer = obj.Timer(p.traced)
-    o = _DLGOptions(batch_size=p.batch_size, max_steps=obj.check_int(max_steps, "max_steps", name),
-                    memory_size=obj.check_int(memory_size, "memory_size", name), tol=float(tol),
-                    window=obj.check_int(window, "window", name), log_every=obj.check_int(log_every, "log_every", name),
-                    callback=callback,
-                    max_evaluations=None if max_evaluations is None
-                    else obj.check_int(max_evaluations, "max_evaluations", name))
-    labels = _labels_for(model, grads, p, p.input_shape) if recover else p.labels
-    x, lab, trace, dist = _dlg_run(model, p.gleaves, labels, key, p.input_shape, p.num_outputs, o,
-                                   p.stacked is not None)
-    return Reconstruction(image=x, label=lab, layers=(), attack=name, loss_trace=trace, gradient_distance=dist,
-                          seconds=timer.seconds((x, trace)))
+    return z["x"], lab, res.trace, relative_distance(shared(z["x"], hard_targets(lab, K, dtype)), gleaves)
 
 
 def dlg(
@@ -139,16 +135,10 @@ def dlg(
     *,
     label: int | Int[Array, "..."] | None = None,
     input_shape: tuple[int, ...] | None = None,
+    client: Client | None = None,
+    options: DLGOptions | None = None,
     key: PRNGKeyArray | None = None,
-    batch_size: int | None = None,
-    loss: str = "auto",
-    max_steps: int = 1000,
-    memory_size: int = 100,
-    tol: float = 1e-6,
-    window: int = 25,
-    log_every: int = 10,
-    callback: Callable[[Array, Array], Any] | None = None,
-    max_evaluations: int | None = None,
+    **legacy: Any,
 ) -> Reconstruction:
     r"""Deep Leakage from Gradients: L-BFGS on dummy data and a dummy soft label, squared L2 gradient distance.
 
@@ -164,17 +154,15 @@ def dlg(
         label: ``None`` (DLG proper: the label is optimised as a soft label and its argmax reported); given labels
             are held fixed (then this is iDLG with a known label).
         input_shape: one input's shape (default: the model's).
+        client: the client's setting (:class:`jaxinv.Client`): ``loss`` (checked against the model),
+            ``batch_size`` (images behind the gradient; default: from ``label``, else 1), and ``local_steps``,
+            ``local_lr`` for a FedAvg update (the candidate's update is simulated, as :func:`jaxinv.attacks.ig`
+            does).
+        options: the optimiser's settings, a :class:`DLGOptions` (``max_steps``, ``memory_size``,
+            ``max_evaluations``, ``tol``, ``window``, ``log_every``, ``callback``).
         key: PRNG key of the random start (required).
-        batch_size: images behind the gradient (default: from ``label``, else 1).
-        loss: the client's loss (``auto``, ``cross_entropy``, ``logistic``); checked against the model.
-        max_steps: L-BFGS iterations (each one line search of one or more evaluations).
-        memory_size: L-BFGS history (PyTorch's default, which DLG used, is 100).
-        tol, window: stop when the objective's relative change over ``window`` steps is below ``tol``.
-        log_every: objective logged (and ``callback(step, loss)`` called) every ``log_every`` steps.
-        callback: optional host callback ``(step, loss) -> None`` (via ``jax.debug.callback``).
-        max_evaluations: optional budget of objective-and-gradient evaluations (line-search steps included):
-            the run stops after the iteration that reaches it. For comparisons at equal cost with attacks that
-            evaluate once per step (IG, hybrid).
+        **legacy: the fields of ``client`` and ``options`` as flat keywords (``max_steps=300``, ``loss=...``),
+            as in earlier versions; an unknown keyword is a ``TypeError`` listing them.
 
     Returns:
         A :class:`jaxinv.Reconstruction`: ``image`` ``(B, *input_shape)`` (``(T, ...)`` for stacked targets),
@@ -184,12 +172,14 @@ def dlg(
 
     Example:
         >>> rec = jaxinv.attack("dlg", model, grads, key=jax.random.key(0))
+        >>> rec = dlg(model, grads, options=DLGOptions(max_steps=300), key=jax.random.key(0))
 
     References:
         L. Zhu, Z. Liu, S. Han. Deep Leakage from Gradients. NeurIPS 2019.
     """
-    return _dlg_attack("dlg", model, grads, label, input_shape, key, batch_size, loss, max_steps, memory_size, tol,
-                       window, log_every, callback, recover=False, max_evaluations=max_evaluations)
+    client, options = attack_options("dlg", client, options, DLGOptions, legacy)
+    return run_attack("dlg", _dlg_one, model, grads, label=label, input_shape=input_shape, key=key, client=client,
+                      options=options, recover=False)
 
 
 def idlg(
@@ -198,29 +188,24 @@ def idlg(
     *,
     label: int | Int[Array, "..."] | None = None,
     input_shape: tuple[int, ...] | None = None,
+    client: Client | None = None,
+    options: DLGOptions | None = None,
     key: PRNGKeyArray | None = None,
-    batch_size: int | None = None,
-    loss: str = "auto",
-    max_steps: int = 1000,
-    memory_size: int = 100,
-    tol: float = 1e-6,
-    window: int = 25,
-    log_every: int = 10,
-    callback: Callable[[Array, Array], Any] | None = None,
-    max_evaluations: int | None = None,
+    **legacy: Any,
 ) -> Reconstruction:
     r"""Improved DLG: the label from the head's gradient, then DLG on the data only.
 
     The label is :func:`jaxinv.recover_label` (one image: the negative entry of the head's bias gradient) or
-    :func:`recover_labels` (``batch_size > 1``: the LLG count rule); a given ``label`` is used as is. Then
+    :func:`jaxinv.recover_labels` (``batch_size > 1``: the LLG count rule); a given ``label`` is used as is. Then
 
     .. math:: \min_{\hat x}\ \sum_{\text{leaves}} \big\|\nabla_\theta \ell(f_\theta(\hat x), y) - g\big\|_2^2
 
-    by L-BFGS, exactly as :func:`dlg` (same options). Label recovery needs the model's layer structure (a head
-    that jaxinv can read); otherwise pass ``label``.
+    by L-BFGS, exactly as :func:`dlg` (same arguments, same :class:`DLGOptions`). Label recovery needs the model's
+    layer structure (a head that jaxinv can read); otherwise pass ``label``.
 
     References:
         B. Zhao, K. R. Mopuri, H. Bilen. iDLG: Improved Deep Leakage from Gradients. arXiv 2001.02610, 2020.
     """
-    return _dlg_attack("idlg", model, grads, label, input_shape, key, batch_size, loss, max_steps, memory_size, tol,
-                       window, log_every, callback, recover=True, max_evaluations=max_evaluations)
+    client, options = attack_options("idlg", client, options, DLGOptions, legacy)
+    return run_attack("idlg", _dlg_one, model, grads, label=label, input_shape=input_shape, key=key, client=client,
+                      options=options, recover=True)

@@ -51,35 +51,83 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
-from ..engine._refine import (Pullback, RefineResult, activation_box, adam_refine, as_pullback, balance_weights,
-                            box_projection, layer_system, rms_scale)
-from ..engine._copa import (CopaOptions, _down_step, _gradient_distance, _head_jit, _is_traced, _residuals, _solve_layer,
-                     _timed, relu_active)
-from .._gradient import check_labels, loss_fn, validate_grads
-from .._model import Model, Structure
+from .._checks import merge_options, no_more_keywords, positive_int
+from .._client import Client
+from .._gradient import check_labels, loss_fn, resolve_loss, target_distances, validate_grads
 from .._maps import LayerSystem, norm
+from .._model import Model, Structure
+from .._priors import box_projection, check_box
 from .._result import Reconstruction
+from ..engine import (
+    Pullback,
+    RefineResult,
+    Solver,
+    activation_box,
+    adam_refine,
+    as_pullback,
+    balance_weights,
+    down_step,
+    fold_down,
+    head_jit,
+    is_traced,
+    layer_system,
+    residuals,
+    rms_scale,
+    solve_layer,
+    timed,
+    unactivate,
+)
 from . import _objectives as obj
 
 
-class _HybridOptions(eqx.Module):
-    max_steps: tuple[int, int, int] = eqx.field(static=True)
-    lr: float = eqx.field(static=True)
-    tv_weight: float = eqx.field(static=True)
-    system_weight: float = eqx.field(static=True)
-    box: tuple[float, float] | None = eqx.field(static=True)
-    tol: float = eqx.field(static=True)
-    window: int = eqx.field(static=True)
-    log_every: int = eqx.field(static=True)
-    loss: str = eqx.field(static=True)
+def _steps_triple(max_steps) -> tuple[int, int, int]:
+    if isinstance(max_steps, int) and not isinstance(max_steps, bool):
+        max_steps = (max_steps,) * 3
+    try:
+        out = tuple(int(s) for s in max_steps)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or any(s < 1 for s in out) or any(isinstance(s, bool) for s in max_steps):
+        raise ValueError(
+            "hybrid: max_steps must be an int >= 1 or a triple (image layer, layer above it, every other layer) "
+            f"of ints >= 1, e.g. (2000, 1000, 200); got {max_steps!r}"
+        )
+    return out
+
+
+def _box(box) -> tuple[float, float] | None:
+    return check_box(box, "hybrid")
+
+
+class HybridOptions(eqx.Module):
+    """Options of :func:`hybrid` (validated at construction; static: a change recompiles). See :func:`hybrid`.
+
+    Example:
+        >>> HybridOptions(max_steps=100).max_steps
+        (100, 100, 100)
+    """
+
+    max_steps: tuple[int, int, int] = eqx.field(static=True, default=(2000, 1000, 200), converter=_steps_triple)
+    lr: float = eqx.field(static=True, default=0.1)
+    tv_weight: float = eqx.field(static=True, default=0.1)
+    system_weight: float = eqx.field(static=True, default=1.0)
+    box: tuple[float, float] | None = eqx.field(static=True, default=(0.0, 1.0), converter=_box)
     correct: float = eqx.field(static=True, default=0.1)
+    tol: float = eqx.field(static=True, default=1e-6)
+    window: int = eqx.field(static=True, default=100)
+    log_every: int = eqx.field(static=True, default=10)
+    lsq_max_steps: int = eqx.field(static=True, default=2000)
+
+    def __check_init__(self):
+        for name in ("lr", "tv_weight", "system_weight", "correct"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"hybrid: {name} must be a finite number >= 0, got {v!r}")
+        for name in ("window", "log_every", "lsq_max_steps"):
+            positive_int(getattr(self, name), name, "hybrid")
 
 
-def _lsq_of(sys: LayerSystem, z, gW, mask, opts: CopaOptions):
-    return _solve_layer(sys, z, gW, opts, mask=mask)[0]
-
-
-def _suffix_leaves(structure: Structure, l: int) -> list[int]:
+def suffix_leaves(structure: Structure, l: int) -> list[int]:
     """Parameter leaves (kernels and biases) of layers ``l..L``."""
     idx = []
     for st in structure.stages[l:]:
@@ -92,7 +140,7 @@ def _suffix_leaves(structure: Structure, l: int) -> list[int]:
 def suffix_gradient(structure: Structure, leaves, l: int, x, label, lf) -> list[Array]:
     r"""The gradient :math:`\nabla_{\theta_{l..L}}\,\ell(f_{l..L}(x), y)` that a candidate input ``x`` of layer
     ``l`` produces on the kernels and biases of layers ``l..L`` (differentiable in ``x``)."""
-    idx = _suffix_leaves(structure, l)
+    idx = suffix_leaves(structure, l)
     stages = structure.stages[l:]
 
     def loss(sel):
@@ -107,7 +155,7 @@ def suffix_gradient(structure: Structure, leaves, l: int, x, label, lf) -> list[
     return jax.grad(loss)([leaves[i] for i in idx])
 
 
-def null_fraction(sys: LayerSystem, mask, opts: CopaOptions):
+def null_fraction(sys: LayerSystem, mask, solver: Solver):
     r"""How underdetermined a layer's system is: :math:`\|P_\text{null} v\| / \|v\|` for a fixed probe :math:`v`
     (one LSMR solve of :math:`M x = M v`, whose minimum-norm solution is :math:`P_\text{row} v`). About
     :math:`\sqrt{d/n}` for deficiency :math:`d` of :math:`n` unknowns; ~0 (the solver's tolerance) when the layer is
@@ -116,33 +164,29 @@ def null_fraction(sys: LayerSystem, mask, opts: CopaOptions):
     dtype = sys.x_struct.dtype
     v = (jnp.cos(jnp.arange(n, dtype=dtype) * 2.399) + 0.5 * jnp.sin(jnp.arange(n, dtype=dtype) * 0.618))
     v = v.reshape(sys.x_struct.shape)
-    p, _, _, steps, _ = _solve_layer(sys, sys.forward(v) + sys.forward_offset, sys.gradient(v) + sys.gradient_offset,
-                                     opts, mask=mask)
+    p, _, _, steps, _ = solve_layer(sys, sys.forward(v) + sys.forward_offset, sys.gradient(v) + sys.gradient_offset,
+                                    solver, mask=mask)
     return norm(v - p) / norm(v), steps
 
 
-def _hybrid_down(model: Model, structure: Structure, l: int, gleaves, label, x_l, gx_l, exact_above,
-                 opts: CopaOptions, ho: _HybridOptions, pb: Pullback | None):
-    """Layer ``l``: least squares (and pull-back), then gradient matching.
+def hybrid_down(model: Model, structure: Structure, l: int, gleaves: list[Array], x_l: Array, gx_l: Array,
+                exact_above: Array, label: Array, solver: Solver, ho: HybridOptions, loss: str, pb: Pullback | None):
+    """Layer ``l``: least squares (and pull-back), then gradient matching; one step of the fold
+    (:func:`jaxinv.engine.fold_down`), its carry ``(x, dl/dx, exact, label)``.
 
-    Returns ``(x, dl/dx, report, trace, exact)``: ``exact`` says that this layer and every layer above it are
-    determined (then the least-squares answer is exact and returned without matching)."""
+    Returns ``((x, dl/dx, exact, label), report, trace)``: ``exact`` says that this layer and every layer above it
+    are determined (then the least-squares answer is exact and returned without matching)."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[l]
-    x0, gx, rep = _down_step(model, structure, l, gleaves, x_l, gx_l, opts, pullback=pb)
-    # the layer's system again (the same arrays as inside _down_step), for the c * ||Ux - V||^2 term
-    act = st.activation
-    if act.name == "relu":
-        x_l = relu_active(x_l)
-    z, _ = act.inverse(x_l)
-    mask = (x_l > 0).astype(x_l.dtype) if act.name == "relu" else None
-    delta = gx_l * act.derivative(z, x_l)
+    x0, gx, rep = down_step(model, structure, l, gleaves, x_l, gx_l, solver, pullback=pb)
+    # the layer's system again (the same arrays as inside down_step), for the c * ||Ux - V||^2 term
+    z, mask, delta, _ = unactivate(st, x_l, gx_l)
     sys = LayerSystem.build(st, leaves, delta)
     gW = gleaves[st.nodes.kernel_leaf]
     sys_term = layer_system(sys, z, gW, mask=mask, weights=balance_weights(sys, mask))
     n_out = math.prod(structure.stages[-1].nodes.x_out.shape)
-    lf = loss_fn(ho.loss, n_out)
-    target = [gleaves[i] for i in _suffix_leaves(structure, l)]
+    lf = loss_fn(loss, n_out)
+    target = [gleaves[i] for i in suffix_leaves(structure, l)]
     image_layer = l == 0
     tv = obj.total_variation
 
@@ -165,9 +209,9 @@ def _hybrid_down(model: Model, structure: Structure, l: int, gleaves, label, x_l
     proj = box_projection(box)
     lsmr_more = jnp.zeros((), jnp.int32)
     if ho.correct > 0:
-        frac, lsmr_more = null_fraction(sys, mask, opts)
+        frac, lsmr_more = null_fraction(sys, mask, solver)
         exact = exact_above & (frac < ho.correct)
-        x_exact = x0 if pb is None else _lsq_of(sys, z, gW, mask, opts)
+        x_exact = x0 if pb is None else solve_layer(sys, z, gW, solver, mask=mask).x
     else:
         exact, x_exact = jnp.asarray(False), x0
 
@@ -184,53 +228,24 @@ def _hybrid_down(model: Model, structure: Structure, l: int, gleaves, label, x_l
     x = res.params["x"]
     ok = jnp.all(jnp.isfinite(x))
     x = jnp.where(ok, x, proj(x0))
-    fres, gres = _residuals(sys, x, z, gW, mask)
+    fres, gres = residuals(sys, x, z, gW, mask)
     lsq = rep.lsq_residual if rep.lsq_residual is not None else jnp.sqrt(sys_term.penalty({"x": x0}))
     rep = eqx.tree_at(lambda r: (r.forward_residual, r.gradient_residual), rep, (fres, gres))
     steps_run = res.steps + (0 if rep.refine_steps is None else rep.refine_steps)
     rep = dataclasses.replace(rep, steps=rep.steps + lsmr_more, refine_steps=jnp.asarray(steps_run, jnp.int32),
                               refine_objective=res.value.astype(x.dtype), lsq_residual=lsq.astype(x.dtype))
-    return x, gx, rep, res.trace, exact
+    return (x, gx, exact, label), rep, res.trace
 
 
-_hybrid_jit = eqx.filter_jit(_hybrid_down)
+hybrid_jit = eqx.filter_jit(hybrid_down)
+
+LEGACY_SOLVER = "lsq_max_steps"
 
 
-def _check_steps(max_steps) -> tuple[int, int, int]:
-    if isinstance(max_steps, int) and not isinstance(max_steps, bool):
-        max_steps = (max_steps,) * 3
-    try:
-        out = tuple(int(s) for s in max_steps)
-    except (TypeError, ValueError):
-        out = ()
-    if len(out) != 3 or any(s < 1 for s in out) or any(isinstance(s, bool) for s in max_steps):
-        raise ValueError(
-            "hybrid: max_steps must be an int >= 1 or a triple (image layer, layer above it, every other layer) "
-            f"of ints >= 1, e.g. (2000, 1000, 200); got {max_steps!r}"
-        )
-    return out
-
-
-def hybrid(
-    model: Model,
-    grads: PyTree,
-    *,
-    label: int | Int[Array, "..."] | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    key: Any = None,
-    loss: str = "auto",
-    max_steps: tuple[int, int, int] | int = (2000, 1000, 200),
-    lr: float = 0.1,
-    tv_weight: float = 0.1,
-    system_weight: float = 1.0,
-    box: tuple[float, float] | None = (0.0, 1.0),
-    pullback: bool | Pullback = False,
-    correct: float = 0.1,
-    tol: float = 1e-6,
-    window: int = 100,
-    log_every: int = 10,
-    lsq_max_steps: int = 2000,
-) -> Reconstruction:
+def hybrid(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None = None,
+           input_shape: tuple[int, ...] | None = None, client: Client | None = None,
+           options: HybridOptions | None = None, refine: bool | Pullback = False, key: Any = None,
+           **legacy: Any) -> Reconstruction:
     r"""Hybrid attack: COPA's layer-wise least squares, each layer corrected by gradient matching (BMVC 2022).
 
     For every layer below the head, from the output down: the least-squares solution of the layer's system
@@ -248,7 +263,15 @@ def hybrid(
         input_shape: one input's shape (default: the model's).
         key: unused (the method is deterministic: the start is the least-squares solution); accepted for the
             common attack interface.
-        loss: the client's loss (``auto``, ``cross_entropy``, ``logistic``).
+        client: the client's setting (:class:`jaxinv.Client`; ``loss``: ``auto``, ``cross_entropy``, ``logistic``).
+        options: the attack's options (:class:`HybridOptions`), below.
+        refine: start each layer's matching from COPA's pull-back refinement instead of the plain least-squares
+            solution (``True`` or a :class:`jaxinv.Pullback`); its steps add to the layer's ``refine_steps``.
+        **legacy: the earlier flat keywords (``loss``, ``pullback`` and every :class:`HybridOptions` field) still
+            work: they are moved onto ``client``, ``refine`` and ``options``.
+
+    The options (:class:`HybridOptions`):
+
         max_steps: Adam iterations ``(image layer, the layer above it, every other layer)``, or one int for all;
             the paper: ``(10000, 8000, 1000)``. Early stopping usually ends upper layers much sooner.
         lr: Adam's learning rate relative to the variable's size (box half-width / RMS of the start),
@@ -256,8 +279,6 @@ def hybrid(
         tv_weight: :math:`a`, weight of the image's total variation (mean absolute neighbour difference).
         system_weight: :math:`c`, weight of the layer's relative system residual squared.
         box: the model's input range (``(0, 1)`` for :mod:`jaxinv.zoo`); ``None``: no box.
-        pullback: start each layer's matching from COPA's pull-back refinement instead of the plain least-squares
-            solution (``True`` or a :class:`jaxinv.Pullback`); its steps add to the layer's ``refine_steps``.
         correct: a layer counts as determined when a probe vector's null-space fraction is below ``correct``
             (:func:`null_fraction`, one LSMR solve). When a layer and every layer above it are determined, the
             least-squares answer is exact (noise-free gradient) and is kept without matching: TV and the cosine
@@ -283,19 +304,17 @@ def hybrid(
         Gradient Matching. BMVC 2022 (arXiv 2210.13231).
     """
     del key
+    if "pullback" in legacy:
+        refine = legacy.pop("pullback")
+    client = merge_options(client, Client, legacy, "hybrid")
+    ho = merge_options(options, HybridOptions, legacy, "hybrid")
+    no_more_keywords(legacy, "hybrid", "label, input_shape, client (jaxinv.Client), options "
+                     "(jaxinv.attacks.HybridOptions), refine, key")
     if not isinstance(model, Model):
         raise TypeError(
             f"model must be a jaxinv.Model (jaxinv.from_linen / from_nnx / from_fn), got {type(model).__name__}"
         )
-    steps = _check_steps(max_steps)
-    for name, v in (("lr", lr), ("tv_weight", tv_weight), ("system_weight", system_weight), ("correct", correct)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"hybrid: {name} must be a finite number >= 0, got {v!r}")
-    if box is not None:
-        box = (float(box[0]), float(box[1]))
-        if not box[0] < box[1]:
-            raise ValueError(f"hybrid: box=(lo, hi) needs lo < hi, got {box!r}")
-    pb = as_pullback(pullback)
+    pb = as_pullback(refine)
     structure = model.structure(input_shape)
     blocks = structure.blocks
     if blocks:
@@ -306,7 +325,7 @@ def hybrid(
     gleaves, T = validate_grads(model, grads)
     n_out = math.prod(structure.stages[-1].nodes.x_out.shape)
     n_lab = 2 if n_out == 1 else n_out
-    loss = loss if loss != "auto" else ("logistic" if n_out == 1 else "cross_entropy")
+    loss = resolve_loss(client.loss, n_out)
     if label is not None:
         label = check_labels(jnp.asarray(label), n_lab)
         if T is None and label.size != 1:
@@ -318,38 +337,26 @@ def hybrid(
             raise ValueError(f"hybrid: label must have shape ({T},) for {T} stacked targets, got {tuple(label.shape)}")
         if T is None:
             label = label.reshape(())
-    opts = CopaOptions(max_steps=obj.check_int(lsq_max_steps, "lsq_max_steps", "hybrid"), loss=loss)
-    ho = _HybridOptions(max_steps=steps, lr=float(lr), tv_weight=float(tv_weight),
-                        system_weight=float(system_weight), box=box, tol=float(tol),
-                        window=obj.check_int(window, "window", "hybrid"),
-                        log_every=obj.check_int(log_every, "log_every", "hybrid"), loss=loss, correct=float(correct))
-    traced = _is_traced(grads, label, model.params)
+    solver = Solver(max_steps=ho.lsq_max_steps)
+    traced = is_traced(grads, label, model.params)
     t_start = time.perf_counter()
-
-    timed = functools.partial(_timed, traced)
-
-    head = functools.partial(_head_jit, model, structure)
-    down = [functools.partial(_hybrid_jit, model, structure, l, ho=ho, pb=pb)
+    head = functools.partial(head_jit, model, structure, solver=solver, loss=loss)
+    down = [functools.partial(hybrid_jit, model, structure, l, solver=solver, ho=ho, loss=loss, pb=pb)
             for l in range(len(structure.stages) - 1)]
     if T is not None:
-        head = eqx.filter_vmap(head, in_axes=(0, 0 if label is not None else None, None))
-        down = [eqx.filter_vmap(d, in_axes=(0, 0, 0, 0, 0, None)) for d in down]
-
-    (x, gx, lab, rep), sec = timed(head, gleaves, label, opts)
-    reports = [eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32))]
-    traces = []
+        head = eqx.filter_vmap(head, in_axes=(0, 0 if label is not None else None))
+        down = [eqx.filter_vmap(d, in_axes=(0, 0, 0, 0, 0)) for d in down]
+    (x, gx, lab, rep), sec = timed(traced, head, gleaves, label)
     exact = jnp.ones((T,) if T is not None else (), bool)  # the head's solution is exact
-    for l in reversed(range(len(structure.stages) - 1)):
-        (x, gx, rep, trace, exact), sec = timed(down[l], gleaves, lab, x, gx, exact, opts)
-        reports.append(eqx.tree_at(lambda r: r.seconds, rep, jnp.full(rep.seconds.shape, sec, jnp.float32)))
-        traces.append(trace if T is not None else trace[None])
     B = T if T is not None else 1
-    image = x.reshape((B,) + structure.input_shape)
+    fold = fold_down(structure, down, gleaves, (x, gx, exact, lab), rep, sec, B, traced=traced)
+    image = fold.x.reshape((B,) + structure.input_shape)
     labels = lab.reshape(-1)
-    dist = _gradient_distance(model, image, labels, gleaves, loss, n_out, T)
+    dist = target_distances(model, image, labels, gleaves, loss, n_out, T is not None)
+    traces = [t if T is not None else t[None] for t in fold.aux]
     trace = jnp.concatenate(traces, axis=1) if traces else jnp.zeros((B, 0), image.dtype)
     total = jnp.nan if traced else time.perf_counter() - t_start
     return Reconstruction(
-        image=image, label=labels, layers=tuple(reversed(reports)), attack="hybrid", loss_trace=trace,
+        image=image, label=labels, layers=fold.reports, attack="hybrid", loss_trace=trace,
         gradient_distance=dist, seconds=jnp.asarray(total, jnp.float32),
     )

@@ -21,7 +21,8 @@ The paper's recipe, as its code (``inversefed``) runs it:
 * *Learning rate.* ``inversefed`` optimises the CIFAR-*normalised* image :math:`(x - \mu)/\sigma` with
   :math:`\sigma \approx 0.25`, and a signed-Adam step moves every pixel by up to ``lr``. The zoo models take
   images in ``[0, 1]`` (they subtract 0.5 inside), so the same pixel step is :math:`0.1\,\sigma \approx 0.025`:
-  our default ``lr=0.025``. (``lr=0.1`` on ``[0, 1]`` images takes 4x the paper's steps: a few dB worse.)
+  our default ``lr=0.025`` (:class:`IGOptions`). (``lr=0.1`` on ``[0, 1]`` images takes 4x the paper's steps: a
+  few dB worse.)
 * *TV weight.* :math:`\alpha_{TV}` only means something relative to the cosine distance, whose scale depends on
   the network. ``inversefed``'s command-line default is ``--tv 1e-4`` (its notebooks set it per experiment, and
   its attack on weight updates uses 0); on ReLU nets, where a random image is at distance of order 1 (~0.9 on
@@ -51,34 +52,86 @@ give 21 dB, ``lr=0.1`` alone 40 dB.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
+from .._checks import positive_int
+from .._client import Client
 from .._model import Model
+from .._priors import check_box, project_box, total_variation
 from .._result import Reconstruction
-from . import _objectives as obj
-from ._dlg import _labels_for
+from ._objectives import candidate_shared, cosine_distance, hard_targets, minimise, random_image, relative_distance
+from ._problem import Spec, attack_options, check_loop, number, run_attack
+
+__all__ = ["IGOptions", "ig", "milestones", "multistep_schedule"]
 
 
-class _IGOptions(eqx.Module):
-    batch_size: int = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
-    lr: float = eqx.field(static=True)
-    tv_weight: float = eqx.field(static=True)
-    box: tuple[float, float] | None = eqx.field(static=True)
-    restarts: int = eqx.field(static=True)
-    signed: bool = eqx.field(static=True)
-    tol: float = eqx.field(static=True)
-    window: int = eqx.field(static=True)
-    log_every: int = eqx.field(static=True)
-    callback: Callable | None = eqx.field(static=True)
-    local_steps: int = eqx.field(static=True, default=1)
-    local_lr: float = eqx.field(static=True, default=0.0)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IGOptions:
+    r"""Options of :func:`ig` (validated at construction; hashable: the compiled loop is keyed by them, a change
+    recompiles).
+
+    Attributes:
+        max_steps: Adam iterations (the paper: 24,000).
+        lr: Adam's initial learning rate, in units of the input, divided by 10 at 3/8, 5/8 and 7/8 of ``max_steps``.
+            The default 0.025 is the paper's 0.1 on CIFAR-normalised inputs (std ~0.25) carried over to ``[0, 1]``
+            inputs; scale it with the input range for other boxes (see the module docstring).
+        tv_weight: :math:`\alpha_{TV}`, to be weighed against the cosine distance, whose scale depends on the
+            network (``inversefed``'s default 1e-4 is a mild prior on ReLU nets, where a random start is at
+            distance ~1). Default 0: on small untrained nets the gradient alone determines the image, the distance
+            is tiny (~3e-6 at a random start on ``lenet_dlg``) and any paper-sized TV term dominates it (see the
+            module docstring).
+        box: the model's valid input range ``(lo, hi)``: random starts are uniform in it and every step is projected
+            onto it (``(0, 1)`` for :mod:`jaxinv.zoo` models); ``None``: unconstrained, ``N(0, 1)`` starts.
+        restarts: independent random starts; the one with the smallest cosine distance wins.
+        signed: apply Adam to the sign of the gradient (the paper's choice).
+        log_every: objective logged (and ``callback(step, loss)`` called) every ``log_every`` steps.
+        callback: optional host callback ``(step, loss) -> None`` (via ``jax.debug.callback``; called per restart).
+        tol, window: stop when the best objective so far improved by less than ``tol`` (relatively) over the last
+            ``window`` steps, tested only after the last learning-rate decay (``tol=0``: always run ``max_steps``).
+
+    Raises:
+        ValueError: at construction, naming the field (a non-positive count or learning rate, a negative weight,
+            ``lo >= hi``).
+        TypeError: a ``box`` that is not a pair of numbers, a ``signed`` that is not a bool, a ``callback`` that is
+            not callable.
+
+    Example:
+        >>> IGOptions(max_steps=1000, restarts=4).lr
+        0.025
+        >>> IGOptions(box=(1.0, 0.0))
+        Traceback (most recent call last):
+        ...
+        ValueError: IGOptions: box=(lo, hi) needs lo < hi, got (1.0, 0.0)
+    """
+
+    max_steps: int = 2000
+    lr: float = 0.025
+    tv_weight: float = 0.0
+    box: tuple[float, float] | None = (0.0, 1.0)
+    restarts: int = 1
+    signed: bool = True
+    log_every: int = 10
+    callback: Callable[[int, float], Any] | None = None
+    tol: float = 1e-4
+    window: int = 100
+
+    def __post_init__(self):
+        where = "IGOptions"
+        check_loop(self, where)
+        if not isinstance(self.signed, (bool, np.bool_)):
+            raise TypeError(f"{where}: signed must be True or False, got {self.signed!r}")
+        fixed = dict(lr=number(self.lr, "lr", where, positive=True),
+                     tv_weight=number(self.tv_weight, "tv_weight", where), box=check_box(self.box, where),
+                     restarts=positive_int(self.restarts, "restarts", where), signed=bool(self.signed))
+        for name, value in fixed.items():
+            object.__setattr__(self, name, value)
 
 
 def milestones(max_steps: int) -> tuple[int, int, int]:
@@ -96,21 +149,20 @@ def multistep_schedule(lr: float, max_steps: int) -> optax.Schedule:
     return optax.piecewise_constant_schedule(lr, bounds)
 
 
-def _ig_one(model: Model, gleaves, labels, key, shape, K, o: _IGOptions):
+def _ig_one(model: Model, gleaves, labels, key, spec: Spec):
     """One target: ``restarts`` runs (vmapped, one loop), the best by cosine distance."""
+    o: IGOptions = spec.options
     dtype = model.dtype
-    target = obj.hard_targets(labels, K, dtype)
+    target = hard_targets(labels, spec.num_outputs, dtype)
 
     def shared(x):  # what the candidate would share: its gradient, or its simulated FedAvg update as a gradient
-        if o.local_steps > 1:
-            return obj.candidate_update_gradient(model.apply_fn, model.params, x, target, o.local_steps, o.local_lr)
-        return obj.candidate_gradient(model.apply_fn, model.params, x, target)
+        return candidate_shared(model.apply_fn, model.params, x, target, spec.client)
 
     def grad_dist(x):
-        return obj.cosine_distance(shared(x), gleaves)
+        return cosine_distance(shared(x), gleaves)
 
     def f(x):
-        return grad_dist(x) + o.tv_weight * obj.total_variation(x)
+        return grad_dist(x) + o.tv_weight * total_variation(x)
 
     opt = optax.adam(multistep_schedule(o.lr, o.max_steps))
 
@@ -120,49 +172,18 @@ def _ig_one(model: Model, gleaves, labels, key, shape, K, o: _IGOptions):
         if o.signed:
             g = jnp.sign(g)
         updates, state = opt.update(g, state, x)
-        return (obj.project_box(optax.apply_updates(x, updates), o.box), state), value, x
+        return (project_box(optax.apply_updates(x, updates), o.box), state), value, x
 
     def run(k):
-        x0 = obj.random_image(k, (o.batch_size,) + shape, o.box, dtype)
-        res = obj.minimise(step, (x0, opt.init(x0)), x0, max_steps=o.max_steps, log_every=o.log_every, tol=o.tol,
-                           window=o.window, min_steps=milestones(o.max_steps)[-1], callback=o.callback)
+        x0 = random_image(k, (spec.batch_size,) + spec.input_shape, o.box, dtype)
+        res = minimise(step, (x0, opt.init(x0)), x0, max_steps=o.max_steps, log_every=o.log_every, tol=o.tol,
+                       window=o.window, min_steps=milestones(o.max_steps)[-1], callback=o.callback)
         return res.params, res.trace, grad_dist(res.params)
 
     xs, traces, dists = jax.vmap(run)(jax.random.split(key, o.restarts))
     best = jnp.argmin(jnp.where(jnp.isfinite(dists), dists, jnp.inf))
     x = xs[best]
-    return x, labels.astype(jnp.int32), traces[best], obj.relative_distance(shared(x), gleaves)
-
-
-@eqx.filter_jit
-def _ig_run(model, gleaves, labels, key, shape, K, o, stacked):
-    if stacked:
-        keys = jax.random.split(key, gleaves[0].shape[0])
-        x, lab, trace, dist = jax.vmap(lambda g, y, k: _ig_one(model, g, y, k, shape, K, o))(gleaves, labels, keys)
-        return x.reshape((-1,) + shape), lab.reshape(-1), trace, dist
-    x, lab, trace, dist = _ig_one(model, gleaves, labels, key, shape, K, o)
-    return x, lab, trace[None], dist[None]
-
-
-def _check_local_lr(local_steps, local_lr) -> float:
-    if local_steps == 1:
-        return 0.0
-    if local_lr is None or isinstance(local_lr, bool) or not float(local_lr) > 0 or not jnp.isfinite(local_lr):
-        raise ValueError(f"ig: local_steps={local_steps} simulates a FedAvg client: give its learning rate "
-                         f"local_lr > 0, got {local_lr!r}")
-    return float(local_lr)
-
-
-def _check_box(box):
-    if box is None:
-        return None
-    try:
-        lo, hi = (float(b) for b in box)
-    except (TypeError, ValueError):
-        raise TypeError(f"ig: box must be a pair (lo, hi) of floats or None, got {box!r}") from None
-    if not lo < hi:
-        raise ValueError(f"ig: box=(lo, hi) needs lo < hi, got {box!r}")
-    return (lo, hi)
+    return x, labels.astype(jnp.int32), traces[best], relative_distance(shared(x), gleaves)
 
 
 def ig(
@@ -171,21 +192,10 @@ def ig(
     *,
     label: int | Int[Array, "..."] | None = None,
     input_shape: tuple[int, ...] | None = None,
+    client: Client | None = None,
+    options: IGOptions | None = None,
     key: PRNGKeyArray | None = None,
-    batch_size: int | None = None,
-    loss: str = "auto",
-    max_steps: int = 2000,
-    lr: float = 0.025,
-    tv_weight: float = 0.0,
-    box: tuple[float, float] | None = (0.0, 1.0),
-    restarts: int = 1,
-    signed: bool = True,
-    tol: float = 1e-4,
-    window: int = 100,
-    log_every: int = 10,
-    callback: Callable[[Array, Array], Any] | None = None,
-    local_steps: int = 1,
-    local_lr: float | None = None,
+    **legacy: Any,
 ) -> Reconstruction:
     r"""Inverting Gradients: cosine gradient distance + total variation, signed Adam, box projection, restarts.
 
@@ -198,32 +208,19 @@ def ig(
         model: the model (any differentiable ``apply_fn``; the layer structure is needed only to recover labels).
         grads: the shared gradient: one batch gradient, or ``T`` single-image gradients stacked on a leading axis.
         label: the labels (int or ``(B,)``); ``None`` recovers them from the head's gradient
-            (:func:`jaxinv.recover_label`, or :func:`recover_labels` for ``batch_size > 1``).
+            (:func:`jaxinv.recover_label`, or :func:`jaxinv.recover_labels` for ``batch_size > 1``).
         input_shape: one input's shape (default: the model's).
+        client: the client's setting (:class:`jaxinv.Client`): ``loss`` (checked against the model),
+            ``batch_size`` (images behind the gradient; default: from ``label``, else 1), and ``local_steps``
+            :math:`K > 1`, ``local_lr`` :math:`\eta` when the shared object is a FedAvg update, passed as
+            :func:`jaxinv.update_as_gradient` (:math:`-\Delta / (K\eta)`): the candidate's update is simulated
+            (the :math:`K` steps unrolled and differentiated through) instead of its gradient (Geiping et al. 2020,
+            Sec. 5).
+        options: the optimiser's settings, an :class:`IGOptions` (``max_steps``, ``lr``, ``tv_weight``, ``box``,
+            ``restarts``, ``signed``, ``tol``, ``window``, ``log_every``, ``callback``).
         key: PRNG key of the random starts (required).
-        batch_size: images behind the gradient (default: from ``label``, else 1).
-        loss: the client's loss (``auto``, ``cross_entropy``, ``logistic``); checked against the model.
-        max_steps: Adam iterations (the paper: 24,000).
-        lr: Adam's initial learning rate, in units of the input, divided by 10 at 3/8, 5/8 and 7/8 of ``max_steps``.
-            The default 0.025 is the paper's 0.1 on CIFAR-normalised inputs (std ~0.25) carried over to ``[0, 1]``
-            inputs; scale it with the input range for other boxes (see the module docstring).
-        tv_weight: :math:`\alpha_{TV}`, to be weighed against the cosine distance, whose scale depends on the
-            network (``inversefed``'s default 1e-4 is a mild prior on ReLU nets, where a random start is at
-            distance ~1). Default 0: on small untrained nets the gradient alone determines the image, the distance
-            is tiny (~3e-6 at a random start on ``lenet_dlg``) and any paper-sized TV term dominates it (see the
-            module docstring).
-        box: the model's valid input range ``(lo, hi)``: random starts are uniform in it and every step is projected
-            onto it (``(0, 1)`` for :mod:`jaxinv.zoo` models); ``None``: unconstrained, ``N(0, 1)`` starts.
-        restarts: independent random starts; the one with the smallest cosine distance wins.
-        signed: apply Adam to the sign of the gradient (the paper's choice).
-        tol, window: stop when the best objective so far improved by less than ``tol`` (relatively) over the last
-            ``window`` steps, tested only after the last learning-rate decay (``tol=0``: always run ``max_steps``).
-        log_every: objective logged (and ``callback(step, loss)`` called) every ``log_every`` steps.
-        callback: optional host callback ``(step, loss) -> None`` (via ``jax.debug.callback``; called per restart).
-        local_steps, local_lr: the shared object is a FedAvg update after ``local_steps`` :math:`K > 1` SGD steps with
-            learning rate ``local_lr`` :math:`\eta`, passed as :func:`jaxinv.update_as_gradient` (:math:`-\Delta /
-            (K\eta)`): the candidate's update is simulated (the :math:`K` steps unrolled and differentiated
-            through) instead of its gradient (Geiping et al. 2020, Sec. 5). ``local_lr`` is required then.
+        **legacy: the fields of ``client`` and ``options`` as flat keywords (``max_steps=1000``,
+            ``local_steps=5``, ...), as in earlier versions; an unknown keyword is a ``TypeError`` listing them.
 
     Returns:
         A :class:`jaxinv.Reconstruction`: ``image`` ``(B, *input_shape)``, ``label`` ``(B,)``, ``loss_trace``
@@ -232,22 +229,12 @@ def ig(
 
     Example:
         >>> rec = jaxinv.attack("ig", model, grads, key=jax.random.key(0), restarts=4)
+        >>> rec = ig(model, grads, options=IGOptions(restarts=4), key=jax.random.key(0))
 
     References:
         J. Geiping, H. Bauermeister, H. Dröge, M. Moeller. Inverting Gradients - How easy is it to break privacy in
         federated learning? NeurIPS 2020.
     """
-    p = obj.prepare(model, grads, label=label, input_shape=input_shape, key=key, batch_size=batch_size, loss=loss,
-                    attack="ig")
-    timer = obj.Timer(p.traced)
-    o = _IGOptions(batch_size=p.batch_size, max_steps=obj.check_int(max_steps, "max_steps", "ig"), lr=float(lr),
-                   tv_weight=float(tv_weight), box=_check_box(box), restarts=obj.check_int(restarts, "restarts", "ig"),
-                   signed=bool(signed), tol=float(tol), window=obj.check_int(window, "window", "ig"),
-                   log_every=obj.check_int(log_every, "log_every", "ig"), callback=callback,
-                   local_steps=obj.check_int(local_steps, "local_steps", "ig"),
-                   local_lr=_check_local_lr(local_steps, local_lr))
-    labels = _labels_for(model, grads, p, p.input_shape)
-    x, lab, trace, dist = _ig_run(model, p.gleaves, labels, key, p.input_shape, p.num_outputs, o,
-                                  p.stacked is not None)
-    return Reconstruction(image=x, label=lab, layers=(), attack="ig", loss_trace=trace, gradient_distance=dist,
-                          seconds=timer.seconds((x, trace)))
+    client, options = attack_options("ig", client, options, IGOptions, legacy)
+    return run_attack("ig", _ig_one, model, grads, label=label, input_shape=input_shape, key=key, client=client,
+                      options=options, recover=True)

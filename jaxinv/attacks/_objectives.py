@@ -1,28 +1,41 @@
-r"""Shared pieces of the optimisation attacks: a candidate's gradient, gradient distances, priors, the box, the loop.
+r"""The objectives of the optimisation attacks: a candidate's gradient, gradient distances, the loop.
 
 Notation: :math:`\theta` the model's parameters, :math:`g = \nabla_\theta \frac1B\sum_i \ell(f_\theta(x_i), y_i)`
 the shared gradient (a pytree), :math:`\hat x` a candidate batch, :math:`\hat t` its (soft) targets and
 :math:`\hat g = g(\hat x, \hat t)` the gradient the candidate produces. Every function of the first part is small,
 pure, and works on one target under ``jit`` / ``vmap``; :func:`minimise` is the one compiled loop all optimisation
-attacks run.
+attacks run. The priors (:func:`total_variation`, :func:`project_box`) live in :mod:`jaxinv._priors`, shared with
+the engine's refinement, and are re-exported here; the relative distance is :mod:`jaxinv._gradient`'s.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import time
 from typing import Any, Callable, NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from .._gradient import label_shape, resolve_loss, check_labels, validate_grads
-from .._model import Model
+from .._client import Client
+from .._gradient import relative_distance
+from .._priors import project_box, total_variation
+
+__all__ = [
+    "LoopResult",
+    "candidate_gradient",
+    "candidate_shared",
+    "candidate_update_gradient",
+    "cosine_distance",
+    "hard_targets",
+    "l2_distance",
+    "minimise",
+    "project_box",
+    "random_image",
+    "relative_distance",
+    "soft_cross_entropy",
+    "total_variation",
+]
 
 # ------------------------------------------------------------------------------------------------ the objectives
 
@@ -39,7 +52,7 @@ def soft_cross_entropy(logits: Float[Array, "B ..."], target: Float[Array, "B K"
     .. math:: \ell = \frac1B \sum_i -t_i \log\sigma(z_i) - (1 - t_i)\log(1 - \sigma(z_i))
 
     One-hot (resp. 0/1) targets give exactly the hard-label loss the client used
-    (:func:`jaxinv._gradient.loss_fn`), so the same function serves known and unknown labels.
+    (:func:`jaxinv.client_gradient`'s loss), so the same function serves known and unknown labels.
 
     Args:
         logits: model outputs, batch axis first (reshaped to ``(B, K)``, or to ``target``'s shape).
@@ -103,6 +116,17 @@ def candidate_update_gradient(
     return jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: (a - b) / (steps * lr), params, theta))
 
 
+def candidate_shared(
+    apply_fn: Callable, params: PyTree, x: Float[Array, "B *shape"], target: Float[Array, "B K"], client: Client
+) -> list[Array]:
+    """What a candidate batch would share as ``client``, as a gradient: its gradient
+    (:func:`candidate_gradient`), or for a FedAvg client (``client.local_steps > 1``) its simulated update
+    (:func:`candidate_update_gradient`, Geiping et al. 2020, Sec. 5)."""
+    if client.fedavg:
+        return candidate_update_gradient(apply_fn, params, x, target, client.local_steps, client.local_lr)
+    return candidate_gradient(apply_fn, params, x, target)
+
+
 def _dot(a: list[Array], b: list[Array]) -> Array:
     return sum(jnp.vdot(u, v) for u, v in zip(a, b))
 
@@ -139,34 +163,6 @@ def cosine_distance(g_hat: list[Array], g: list[Array]) -> Float[Array, ""]:
     s = jax.lax.rsqrt(jnp.where(ok, sq, 1.0))
     d = 0.5 * sum(jnp.sum((u * s_hat - v * s) ** 2) for u, v in zip(g_hat, g))
     return jnp.where(ok, d, jnp.ones((), d.dtype))
-
-
-def relative_distance(g_hat: list[Array], g: list[Array]) -> Float[Array, ""]:
-    r"""The truth-free check every attack reports: :math:`\|\hat g - g\|_2 / \|g\|_2` over all leaves."""
-    tiny = jnp.finfo(jnp.result_type(*g)).tiny
-    return jnp.sqrt(l2_distance(g_hat, g)) / jnp.maximum(jnp.sqrt(_dot(g, g)), tiny)
-
-
-def total_variation(x: Float[Array, "B *shape"]) -> Float[Array, ""]:
-    r"""Anisotropic total variation, mean absolute difference of neighbours along each spatial axis:
-
-    .. math:: \mathrm{TV}(x) = \sum_{a \in \text{spatial}} \operatorname{mean} |x_{\cdot, i+1_a} - x_{\cdot, i}|
-
-    For NHWC images the spatial axes are H and W (Geiping et al.: ``mean|dx| + mean|dy|``). Inputs without spatial
-    axes (``(B, D)``, dense models) have no neighbours: TV is 0.
-    """
-    total = jnp.zeros((), x.dtype)
-    for axis in range(1, x.ndim - 1):
-        if x.shape[axis] > 1:
-            total = total + jnp.mean(jnp.abs(jnp.diff(x, axis=axis)))
-    return total
-
-
-def project_box(x: Array, box: tuple[float, float] | None) -> Array:
-    r"""Euclidean projection onto the input box :math:`[lo, hi]^n` (clipping); ``None`` is no constraint."""
-    if box is None:
-        return x
-    return jnp.clip(x, box[0], box[1])
 
 
 def random_image(key, shape: tuple[int, ...], box: tuple[float, float] | None, dtype) -> Array:
@@ -278,149 +274,3 @@ def minimise(
           jnp.asarray(False))
     i, _, best, best_val, trace, _, _ = jax.lax.while_loop(cond, body, s0)
     return LoopResult(best, best_val, trace, i)
-
-
-# ------------------------------------------------------------------------------------------- the common setup
-
-
-class Problem(eqx.Module):
-    """A validated attack problem (what every optimisation attack starts from).
-
-    Attributes:
-        gleaves: the shared gradient's leaves (with a leading target axis when ``stacked``).
-        labels: given labels, ``(B,)`` per target (``(T, B)`` when stacked), or ``None``.
-        input_shape: one input's shape.
-        num_outputs: width of the model's output (1: logistic loss).
-        batch_size: images per shared gradient.
-        stacked: number of independent targets ``T`` stacked along a leading axis, or ``None``.
-        traced: whether the call runs under an outer transformation (then ``seconds`` is NaN).
-    """
-
-    gleaves: list
-    labels: Array | None
-    input_shape: tuple[int, ...] = eqx.field(static=True)
-    num_outputs: int = eqx.field(static=True)
-    batch_size: int = eqx.field(static=True)
-    stacked: int | None = eqx.field(static=True)
-    traced: bool = eqx.field(static=True)
-
-
-def _is_traced(*trees) -> bool:
-    return any(isinstance(l, jax.core.Tracer) for t in trees for l in jax.tree_util.tree_leaves(t))
-
-
-def check_key(key: Any, attack: str) -> None:
-    """Random-init attacks need an explicit PRNG key: eager ``ValueError`` / ``TypeError`` naming the fix."""
-    if key is None:
-        raise ValueError(
-            f"attack {attack!r} starts from a random candidate and needs a PRNG key: pass key=jax.random.key(0) "
-            "(the same key gives the same reconstruction)"
-        )
-    ok = isinstance(key, (jax.Array, np.ndarray)) and (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,))
-    )
-    if not ok:
-        raise TypeError(f"key must be a JAX PRNG key such as jax.random.key(0), got {type(key).__name__} {key!r}")
-
-
-def check_int(value: Any, name: str, attack: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{attack}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def prepare(
-    model: Model,
-    grads: PyTree,
-    *,
-    label: Any,
-    input_shape: tuple[int, ...] | None,
-    key: Any,
-    batch_size: int | None,
-    loss: str,
-    attack: str,
-) -> Problem:
-    """Validate the common arguments of an optimisation attack (eager errors naming the argument and the fix)."""
-    if not isinstance(model, Model):
-        raise TypeError(
-            f"model must be a jaxinv.Model (jaxinv.from_linen / from_nnx / from_fn), got {type(model).__name__}"
-        )
-    check_key(key, attack)
-    shape = model.resolve_input_shape(input_shape)
-    gleaves, T = validate_grads(model, grads)
-    out = model.output_shape(shape)
-    lshape = label_shape(out)
-    if lshape:
-        return _prepare_masks(model, gleaves, T, label, shape, out, lshape, key, batch_size, loss, attack)
-    k = int(np.prod(out))
-    resolve_loss(loss, k)  # raises on a loss that does not fit the model
-    n_lab = 2 if k == 1 else k
-    if label is not None:
-        label = check_labels(jnp.asarray(label), n_lab)
-        if T is None:
-            label = label.reshape(-1)
-            if batch_size is None:
-                batch_size = label.shape[0]
-            if label.shape[0] != batch_size:
-                raise ValueError(
-                    f"{attack}: label has {label.shape[0]} entries but batch_size={batch_size}: pass one label per "
-                    "image of the client's batch (shape (batch_size,)), or label=None to recover them"
-                )
-        else:
-            if label.shape not in ((T,), (T, 1)):
-                raise ValueError(
-                    f"{attack}: grads stacks {T} targets (one image each), so label must have shape ({T},), got "
-                    f"{tuple(label.shape)}"
-                )
-            label = label.reshape(T, 1)
-    batch_size = 1 if batch_size is None else check_int(batch_size, "batch_size", attack)
-    if T is not None and batch_size != 1:
-        raise ValueError(
-            f"{attack}: grads stacks {T} independent targets (a leading axis on every leaf); stacked targets are "
-            f"single-image gradients, but batch_size={batch_size}. Pass one batch gradient (no extra axis) with "
-            "batch_size=B, or T single-image gradients with batch_size=1"
-        )
-    return Problem(gleaves=gleaves, labels=label, input_shape=shape, num_outputs=k, batch_size=batch_size,
-                   stacked=T, traced=_is_traced(grads, label, model.params, key))
-
-
-def _prepare_masks(model, gleaves, T, label, shape, out, lshape, key, batch_size, loss, attack) -> Problem:
-    """:func:`prepare` for a segmentation model: labels are masks ``(B, H, W)`` (``(T, 1, H, W)`` stacked)."""
-    K = int(out[-1])
-    if loss not in ("auto", "cross_entropy"):
-        raise ValueError(f"{attack}: a segmentation model is trained with the per-pixel cross-entropy; loss={loss!r}")
-    if label is None:
-        raise ValueError(f"{attack}: model {model.name!r} is a segmentation model (logits {tuple(out)} per image): "
-                         f"pass label= the client's mask(s), shape {lshape} or (B, {', '.join(map(str, lshape))})")
-    label = check_labels(jnp.asarray(label), K)
-    if T is None:
-        if label.shape == lshape:
-            label = label[None]
-        if tuple(label.shape[1:]) != lshape:
-            raise ValueError(f"{attack}: label (the masks) must have shape (B, {', '.join(map(str, lshape))}), got "
-                             f"{tuple(label.shape)}")
-        batch_size = label.shape[0] if batch_size is None else check_int(batch_size, "batch_size", attack)
-        if label.shape[0] != batch_size:
-            raise ValueError(f"{attack}: {label.shape[0]} masks but batch_size={batch_size}")
-    else:
-        if tuple(label.shape) not in ((T,) + lshape, (T, 1) + lshape):
-            raise ValueError(f"{attack}: grads stacks {T} targets, so label must have shape {(T,) + lshape}, got "
-                             f"{tuple(label.shape)}")
-        label = label.reshape((T, 1) + lshape)
-        batch_size = 1
-    return Problem(gleaves=gleaves, labels=label, input_shape=shape, num_outputs=K, batch_size=batch_size,
-                   stacked=T, traced=_is_traced(gleaves, label, model.params, key))
-
-
-class Timer:
-    """Wall time of an attack (NaN when traced: inside ``jit`` there is no wall time to measure)."""
-
-    def __init__(self, traced: bool):
-        self.traced = traced
-        self.t0 = time.perf_counter()
-
-    def seconds(self, out) -> Array:
-        if self.traced:
-            return jnp.asarray(math.nan, jnp.float32)
-        jax.block_until_ready(out)
-        return jnp.asarray(time.perf_counter() - self.t0, jnp.float32)

@@ -30,37 +30,36 @@ published code:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from jaxtyping import Array, Int, PyTree
 
-from ..engine._copa import copa
+from .._client import Client
 from .._model import Model
 from .._result import Reconstruction
+from ..engine import Solver, copa, layerwise_options
 
 
-def rgap(
-    model: Model,
-    grads: PyTree,
-    *,
-    label: int | Int[Array, "..."] | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    key: Any = None,
-    loss: str = "auto",
-    max_steps: int = 2000,
-    rtol: float | None = None,
-    atol: float | None = None,
-) -> Reconstruction:
+def rgap(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None = None,
+         input_shape: tuple[int, ...] | None = None, client: Client | None = None, solver: Solver | None = None,
+         key: Any = None, **legacy: Any) -> Reconstruction:
     r"""R-GAP: the recursive least-squares inversion of a single-image gradient (no random start, no key needed).
+
+    R-GAP is COPA's fold with both constraint blocks at equal weight and no pull-back: the same engine, with the
+    solver's ``forward_weight`` and ``gradient_weight`` set to 1.
 
     Args:
         model: the model (its layers must be readable: :meth:`jaxinv.Model.layers`).
         grads: one image's gradient, or ``T`` of them stacked on a leading axis.
         label: the label (R-GAP's assumption); ``None`` recovers it from the head when the head allows it.
         input_shape: one input's shape (default: the model's).
+        client: the client's setting (:class:`jaxinv.Client`; ``loss``: ``auto`` is logistic for one output,
+            cross-entropy otherwise).
+        solver: the per-layer least-squares solver's options (:class:`jaxinv.engine.Solver`: ``max_steps``,
+            ``rtol``, ``atol``); its block weights are set to 1.
         key: unused (the method is deterministic); accepted for the common interface.
-        loss: the client's loss (``auto``: logistic for one output, cross-entropy otherwise).
-        max_steps, rtol, atol: the per-layer least-squares solver's options (LSMR).
+        **legacy: the earlier flat keywords (``loss``, ``max_steps``, ``rtol``, ``atol``) still work.
 
     Returns:
         A :class:`jaxinv.Reconstruction` with ``attack="rgap"`` and per-layer reports (input layer first).
@@ -71,8 +70,7 @@ def rgap(
     References:
         J. Zhu, M. Blaschko. R-GAP: Recursive Gradient Attack on Privacy. ICLR 2021.
     """
-    rec = copa(model, grads, label=label, input_shape=input_shape, key=key, loss=loss, max_steps=max_steps,
-               rtol=rtol, atol=atol, forward_weight=1.0, gradient_weight=1.0)
-    return Reconstruction(image=rec.image, label=rec.label, layers=rec.layers, attack="rgap",
-                          loss_trace=rec.loss_trace, gradient_distance=rec.gradient_distance, seconds=rec.seconds,
-                          layer_inputs=rec.layer_inputs)
+    client, solver, _ = layerwise_options("rgap", client, solver, False, legacy)
+    solver = dataclasses.replace(solver, forward_weight=1.0, gradient_weight=1.0)
+    rec = copa(model, grads, label=label, input_shape=input_shape, client=client, solver=solver, key=key)
+    return dataclasses.replace(rec, attack="rgap")

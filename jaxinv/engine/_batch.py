@@ -25,15 +25,23 @@ from __future__ import annotations
 
 import math
 
+import functools
+import time
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array
 
-from .._labels import HeadNotInvertibleError
-from ._copa import (CopaOptions, _bias_residual, _delta_of_logits, _report, _solve_layer,
-                    relu_active)
-from .._model import Model, Stage, Structure
+from .._gradient import gradient_distance
+from .._labels import HeadNotInvertibleError, recover_labels
 from .._maps import LayerSystem, norm, with_leaf
+from .._model import Model, Stage, Structure
+from .._result import Reconstruction
+from ._fold import as_fold_step, fold_down, timed
+from ._head import delta_of_logits
+from ._layer import bias_residual, fit_status, layer_report, solve_layer, unactivate
+from ._options import Solver
 
 
 def batch_system(stage: Stage, leaves, deltas) -> LayerSystem:
@@ -56,8 +64,8 @@ def batch_system(stage: Stage, leaves, deltas) -> LayerSystem:
     return LayerSystem(jax.ShapeDtypeStruct(shape, dtype), f_lin, c, b_lin, h0)
 
 
-def _head_batch(model: Model, structure: Structure, gleaves, labels, key, opts: CopaOptions, restarts: int,
-                iters: int):
+def head_batch(model: Model, structure: Structure, gleaves: list[Array], labels: Array, key, loss: str,
+               restarts: int, iters: int):
     """The head's inputs ``(B, *x_in)`` and deltas ``(B, *z)`` from the summed outer products (module docstring)."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[-1]
@@ -76,7 +84,7 @@ def _head_batch(model: Model, structure: Structure, gleaves, labels, key, opts: 
     U, S, Vt = jnp.linalg.svd(G, full_matrices=False)
     US, V = U[:, :B] * S[:B], Vt[:B]  # (K, B), (B, n)
     sys0 = LayerSystem.build(st, leaves, jnp.zeros(st.nodes.z.shape, dtype))
-    delta_of = _delta_of_logits(st, opts.loss, n_out)
+    delta_of = delta_of_logits(st, loss, n_out)
 
     def deltas(C):  # C (B, B): x_i = V^T C[i]
         X = C @ V
@@ -117,36 +125,29 @@ def _head_batch(model: Model, structure: Structure, gleaves, labels, key, opts: 
     X = (C @ V).reshape((B,) + x_shape)
     D = deltas(C).reshape((B,) + tuple(st.nodes.z.shape))
     gres = costs[best] / scale
-    status = jnp.where(jnp.isfinite(gres) & (gres < 1e-2), 0, 3).astype(jnp.int32)
+    status = fit_status(gres)
     bsys = batch_system(st, leaves, D)
     bres = norm(D.sum(0).reshape(-1) - gb) / jnp.maximum(norm(gb), jnp.finfo(dtype).tiny)
     gx = bsys.forward_transpose(D)
-    rep = _report(st, False, jnp.full((), jnp.nan, dtype), gres, bres, 0, jnp.asarray(iters, jnp.int32), status)
+    rep = layer_report(st, False, jnp.full((), jnp.nan, dtype), gres, bres, 0, jnp.asarray(iters, jnp.int32), status)
     return X, gx, rep
 
 
-def _down_batch(model: Model, structure: Structure, l: int, gleaves, X, GX, opts: CopaOptions):
+def down_batch(model: Model, structure: Structure, l: int, gleaves: list[Array], X: Array, GX: Array,
+               solver: Solver):
     """Layer l below the head, jointly for the batch: ``(B, *x_out)`` outputs and their gradients -> inputs."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[l]
-    act = st.activation
-    if act.name in ("gelu", "silu"):
-        raise ValueError(f"the activation after layer {st.layer.path!r} is {act}, which is not invertible on all of "
-                         "R; use jaxinv.attack('ig', ...) for this model")
-    if act.name == "relu":
-        X = relu_active(X)
-    Z, clipped = act.inverse(X)
-    mask = (X > 0).astype(X.dtype) if act.name == "relu" else None
-    D = GX * act.derivative(Z, X)
+    Z, mask, D, clipped = unactivate(st, X, GX)
     sys = batch_system(st, leaves, D)
-    x, fres, gres, steps, status = _solve_layer(sys, Z, gleaves[st.nodes.kernel_leaf], opts, mask=mask)
-    bres = _bias_residual(st, leaves, gleaves, D.sum(0))
+    x, fres, gres, steps, status = solve_layer(sys, Z, gleaves[st.nodes.kernel_leaf], solver, mask=mask)
+    bres = bias_residual(st, leaves, gleaves, D.sum(0))
     gx = sys.forward_transpose(D) if l > 0 else jnp.zeros_like(x)
-    return x, gx, _report(st, True, fres, gres, bres, clipped, steps, status)
+    return x, gx, layer_report(st, True, fres, gres, bres, clipped, steps, status)
 
 
-_head_batch_jit = eqx.filter_jit(_head_batch)
-_down_batch_jit = eqx.filter_jit(_down_batch)
+head_batch_jit = eqx.filter_jit(head_batch)
+down_batch_jit = eqx.filter_jit(down_batch)
 
 
 def check_batch_head(structure: Structure, B: int, loss: str) -> None:
@@ -163,3 +164,28 @@ def check_batch_head(structure: Structure, B: int, loss: str) -> None:
             f"the head {st.layer.path!r} has {n_out} output(s) for a batch of {B}: its gradient is a sum of {B} "
             f"rank-one terms and separates them only when the head is at least as wide as the batch (K >= B, "
             "softmax cross-entropy); use jaxinv.attack('ig', ..., batch_size=B) for this batch")
+
+
+def copa_batch(model: Model, structure: Structure, gleaves: list[Array], label, batch_size: int | None, loss: str,
+               key, solver: Solver) -> Reconstruction:
+    """COPA on one gradient of a batch of ``B`` images (module docstring): the head separates the batch, the fold
+    solves every layer below jointly. ``label``: the ``(B,)`` labels or ``None`` (their multiset is recovered)."""
+    B = int(label.size) if label is not None else int(batch_size)
+    check_batch_head(structure, B, loss)
+    if label is None:
+        label = recover_labels(model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(model.params),
+                                                                   gleaves), B, input_shape=structure.input_shape)
+    label = jnp.asarray(label, jnp.int32).reshape(-1)
+    key = jax.random.key(0) if key is None else key
+    t_start = time.perf_counter()
+    (X, GX, rep), sec = timed(False, head_batch_jit, model, structure, gleaves, label, key, loss, 4, 100)
+    down = [as_fold_step(functools.partial(down_batch_jit, model, structure, l, solver=solver))
+            for l in range(len(structure.stages) - 1)]
+    fold = fold_down(structure, down, gleaves, (X, GX), rep, sec, B)
+    image = fold.x.reshape((B,) + structure.input_shape)
+    n_out = math.prod(structure.stages[-1].nodes.x_out.shape)
+    dist = gradient_distance(model, image, label, gleaves, loss, n_out)
+    return Reconstruction(
+        image=image, label=label, layers=fold.reports, attack="copa",
+        loss_trace=jnp.zeros((1, 0), image.dtype), gradient_distance=dist.reshape(1),
+        seconds=jnp.asarray(time.perf_counter() - t_start, jnp.float32), layer_inputs=fold.layer_inputs)

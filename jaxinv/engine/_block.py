@@ -40,8 +40,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from jaxtyping import Array
 
 from .._maps import norm, with_leaf
+from .._model import Stage
+from ._layer import fit_status, layer_report
+from ._options import Solver
 
 
 def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_steps: int, iters: int, lam0=1e-2):
@@ -178,3 +182,19 @@ def solve_block(bs: BlockSystem, z, g, mask, *, rtol: float, atol: float, max_st
         u, _, more = levenberg_marquardt(resid, u, rtol=rtol, atol=atol, max_steps=max_steps, iters=n, lam0=lam0)
         steps = steps + more
     return u, steps
+
+
+def block_step(st: Stage, leaves: list[Array], gleaves: list[Array], z: Array, delta: Array, mask, clipped,
+               solver: Solver, carry_down: bool):
+    """A block below the head (:mod:`jaxinv.engine._block`): its input from its output and its parameters' gradient,
+    jointly (:func:`jaxinv.engine._block.solve_block`); returns ``(u, dl/du, report)`` like a layer's step."""
+    bs = BlockSystem(st, leaves, delta, st.nodes.leaves)
+    g = tuple(gleaves[i] for i in st.nodes.leaves)
+    rtol, atol = solver.tolerances(z.dtype)
+    u, steps = solve_block(bs, z, g, mask, rtol=rtol, atol=atol, max_steps=solver.max_steps)
+    fres, gres = bs.residual_fn(z, g, mask)[1](u)
+    finite = jnp.all(jnp.isfinite(u))
+    status = fit_status(jnp.maximum(fres, gres), finite)
+    u = jnp.where(finite, u, 0.0)
+    gu = bs.input_cotangent(u) if carry_down else jnp.zeros_like(u)
+    return u, gu, layer_report(st, True, fres, gres, jnp.full((), jnp.nan, z.dtype), clipped, steps, status)

@@ -57,7 +57,11 @@ import optax
 from jaxtyping import Array, PyTree
 
 from .._activations import Activation
-from .._maps import LayerSystem, operator_norm
+from .._maps import LayerSystem, norm, operator_norm
+from .._priors import box_projection
+from .._priors import total_variation as image_tv
+from ._layer import solve_layer
+from ._options import Solver
 
 __all__ = [
     "Pullback",
@@ -247,9 +251,7 @@ def range_penalty(forward: Callable, offset, act: Activation, scale, *, weight=1
 def total_variation(on: str, *, weight=1.0) -> Term:
     r"""Total variation of an image ``v[on]`` (NHWC): :math:`\sum_{a\in\{H, W\}} \operatorname{mean}|\Delta_a x|`
     (the attacks' :func:`jaxinv.attacks.total_variation`, Geiping et al.'s prior)."""
-    from ..attacks._objectives import total_variation as tv  # local: the attacks package imports _copa
-
-    return Term(lambda v: tv(v[on]), weight, "tv")
+    return Term(lambda v: image_tv(v[on]), weight, "tv")
 
 
 def activation_box(act: Activation, dtype) -> tuple[float, float] | None:
@@ -266,14 +268,6 @@ def activation_box(act: Activation, dtype) -> tuple[float, float] | None:
     if act.name == "relu":
         lo_c = 0.0  # ReLU's image is closed
     return lo_c, hi_c
-
-
-def box_projection(box) -> Callable[[Array], Array]:
-    """Euclidean projection onto ``[lo, hi]`` (either end may be infinite; ``None``: identity)."""
-    if box is None:
-        return lambda a: a
-    lo, hi = box
-    return lambda a: jnp.clip(a, lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None)
 
 
 def output_projection(stages: tuple, l: int, box, dtype) -> Callable[[Array], Array]:
@@ -491,3 +485,22 @@ def pullback_layer(
     ok = jnp.all(jnp.isfinite(x))
     x = jnp.where(ok, x, x_lsq)
     return x, PullbackReport(res.steps.astype(jnp.int32), res.value.astype(dtype), lsq_res.astype(dtype))
+
+
+def correct(stages: tuple, l: int, sys: LayerSystem, x: Array, x_lsq: Array, z: Array, gW: Array, mask, solver: Solver,
+            box, below: float) -> tuple[Array, Array]:
+    r"""Restore a numerically determined layer's system after a refinement.
+
+    :math:`x_c = x + d`, :math:`d` the minimum-norm least-squares solution of :math:`M d = r - M x`: the
+    refinement's row-space part is replaced by the least-squares one, its null-space part kept
+    (:math:`x_c - x_\text{lsq} = P_\text{null}(x - x_\text{lsq})`). When the refinement moved (almost) only in the
+    row space, :math:`\rho = \|x_c - x_\text{lsq}\| / \|x - x_\text{lsq}\| <` ``below``, the system pins the answer
+    down and the priors only traded exactness for smoothness: return :math:`x_c` (projected onto the box / the
+    activation's image). Otherwise the layer is underdetermined and the refined ``x`` is kept (there the
+    least-squares row-space part is where noise from the layers above is amplified, and the priors damp it).
+    Returns ``(x, LSMR steps)``."""
+    fwd = sys.forward(x) if mask is None else sys.forward(x) * mask
+    d, _, _, more, _ = solve_layer(sys, z - fwd, gW - sys.gradient(x), solver, mask=mask)
+    xc = output_projection(stages, l, box, x.dtype)(x + d)
+    rho = norm(x + d - x_lsq) / jnp.maximum(norm(x - x_lsq), jnp.finfo(x.dtype).tiny)
+    return jnp.where(rho < below, xc, x), more

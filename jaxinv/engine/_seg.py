@@ -25,7 +25,7 @@ dominates :math:`\Delta` in an untrained or early network, so the iteration star
 
 The mask must be known (an auditor knows it; an attacker with the annotation policy can often guess it: the
 labels of a segmentation gradient are not read from its sign the way a classifier's are). Below the head the
-recursion is the classifier's (:func:`jaxinv.engine._copa._down_step`): it needs only :math:`x_l` and
+recursion is the classifier's (:func:`jaxinv.engine.down_step`): it needs only :math:`x_l` and
 :math:`\partial\ell/\partial x_l`.
 """
 
@@ -37,13 +37,19 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array
 
-from ._block import levenberg_marquardt
-from ._copa import CopaOptions, _bias_residual, _delta_of_logits, _down_jit, _fold_down, _report, _timed, _tols
-from .._gradient import loss_fn
-from .._model import Model, Structure
+from .._client import Client
+from .._gradient import check_labels, label_shape, loss_fn, target_distances
 from .._maps import LayerSystem, norm, with_leaf
+from .._model import Model, Structure
 from .._result import Reconstruction
+from ._block import levenberg_marquardt
+from ._down import down_jit
+from ._fold import as_fold_step, fold_down, timed
+from ._head import delta_of_logits
+from ._layer import bias_residual, fit_status, layer_report
+from ._options import Solver
 
 
 def head_gradient_fn(structure: Structure, leaves, mask):
@@ -65,7 +71,7 @@ def head_gradient_fn(structure: Structure, leaves, mask):
     return shared, idx
 
 
-def head_seg(model: Model, structure: Structure, gleaves, mask, opts: CopaOptions, iters: int):
+def head_seg(model: Model, structure: Structure, gleaves: list[Array], mask: Array, solver: Solver, iters: int):
     """The head's input and :math:`\\partial\\ell/\\partial x_{L-1}` from its gradient and the mask (module doc)."""
     leaves = jax.tree_util.tree_leaves(model.params)
     st = structure.stages[-1]
@@ -74,56 +80,71 @@ def head_seg(model: Model, structure: Structure, gleaves, mask, opts: CopaOption
     dtype = target[0].dtype
     tiny = jnp.finfo(dtype).tiny
     w = tuple(1.0 / jnp.maximum(norm(t), tiny) for t in target)
-    rtol, atol = _tols(opts, dtype)
+    rtol, atol = solver.tolerances(dtype)
 
     def resid(x):
         return tuple(wi * (s - t) for wi, s, t in zip(w, shared(x), target))
 
     # lam starts at the scale of J^T J (its largest eigenvalue is ~1: both blocks are normalised)
     x, c, steps = levenberg_marquardt(resid, jnp.zeros(st.nodes.x_in.shape, dtype), rtol=rtol, atol=atol,
-                                      max_steps=opts.max_steps, iters=iters, lam0=1e-2)
-    delta = _delta_of_logits(st, "cross_entropy", st.nodes.x_out.shape[-1])(st.affine(x, leaves), mask)
+                                      max_steps=solver.max_steps, iters=iters, lam0=1e-2)
+    delta = delta_of_logits(st, "cross_entropy", st.nodes.x_out.shape[-1])(st.affine(x, leaves), mask)
     sys = LayerSystem.build(st, leaves, delta)
     g = shared(x)
     gres = norm(g[0] - target[0]) / jnp.maximum(norm(target[0]), tiny)
-    bres = _bias_residual(st, leaves, gleaves, delta)
-    status = jnp.where(jnp.isfinite(c) & (gres < 1e-2), 0, 3).astype(jnp.int32)
-    rep = _report(st, False, jnp.full((), jnp.nan, dtype), gres, bres, 0, steps, status)
+    bres = bias_residual(st, leaves, gleaves, delta)
+    status = fit_status(jnp.where(jnp.isfinite(c), gres, jnp.nan))
+    rep = layer_report(st, False, jnp.full((), jnp.nan, dtype), gres, bres, 0, steps, status)
     return x, sys.forward_transpose(delta), rep
 
 
-_head_seg_jit = eqx.filter_jit(head_seg)
+head_seg_jit = eqx.filter_jit(head_seg)
 
 
-def copa_seg(model: Model, structure: Structure, gleaves, mask, T, loss: str, opts: CopaOptions,
-             gn_iters: int = 20) -> Reconstruction:
+def copa_seg(model: Model, structure: Structure, gleaves: list[Array], T: int | None, label, client: Client,
+             refine, solver: Solver, gn_iters: int = 20) -> Reconstruction:
     """COPA for a segmentation model: :func:`head_seg`, then the classifier's recursion below the head.
 
-    ``mask``: ``(*label_shape)`` for one target, ``(T, *label_shape)`` for ``T`` stacked single-image targets."""
-    from ._copa import _gradient_distance
-
-    if loss not in ("auto", "cross_entropy"):
-        raise ValueError(f"loss={loss!r}: a segmentation model's gradient is inverted for the per-pixel "
+    ``label`` is the mask: ``(*label_shape)`` for one target, ``(T, *label_shape)`` for ``T`` stacked single-image
+    targets (eager errors name the shape expected)."""
+    if client.loss not in ("auto", "cross_entropy"):
+        raise ValueError(f"loss={client.loss!r}: a segmentation model's gradient is inverted for the per-pixel "
                          "cross-entropy (loss='cross_entropy' or 'auto')")
-    t_start = time.perf_counter()
-    head = functools.partial(_head_seg_jit, model, structure)
-    L = len(structure.stages)
-    down = [functools.partial(_down_jit, model, structure, l) for l in range(L - 1)]
-    if T is not None:
-        head = eqx.filter_vmap(lambda g, m, o, it: _head_seg_jit(model, structure, g, m, o, it),
-                               in_axes=(0, 0, None, None))
-        down = [eqx.filter_vmap(lambda g, x, gx, o, l=l: _down_jit(model, structure, l, g, x, gx, o),
-                                in_axes=(0, 0, 0, None)) for l in range(L - 1)]
-    (x, gx, rep), sec = _timed(False, head, gleaves, mask, opts, gn_iters)
-    B = T if T is not None else 1
-    x, reports, layer_inputs = _fold_down(False, structure, down, gleaves, x, gx, opts, rep, sec, B)
-    image = x.reshape((B,) + structure.input_shape)
+    lshape = label_shape(structure.stages[-1].nodes.x_out.shape[1:])
     K = structure.stages[-1].nodes.x_out.shape[-1]
+    want = (T,) + lshape if T is not None else lshape
+    if label is None:
+        raise ValueError(
+            f"model {model.name!r} is a segmentation model (logits {structure.stages[-1].nodes.x_out.shape[1:]} per "
+            f"image): pass label= the client's mask of shape {want} (class indices per pixel). A segmentation "
+            "gradient sums the error over pixels, so its mask is not read off the head's sign as a classifier's label is")
+    label = check_labels(jnp.asarray(label), K, name="label")
+    if label.shape == (1,) + lshape and T is None:
+        label = label[0]
+    if tuple(label.shape) != want:
+        raise ValueError(f"label (the mask) must have shape {want} for model {model.name!r}, got {tuple(label.shape)}"
+                         + (f" ({T} stacked targets: one mask each)" if T is not None else ""))
+    if (client.batch_size or 1) > 1:
+        raise ValueError("batch_size > 1 is not supported for segmentation gradients by copa: use "
+                         "jaxinv.attack('ig', ..., batch_size=B) with masks of shape (B, H, W)")
+    if refine is not False:
+        raise ValueError("pullback is not supported for segmentation gradients yet: use pullback=False")
+    mask = label
+    t_start = time.perf_counter()
+    head = functools.partial(head_seg_jit, model, structure)
+    L = len(structure.stages)
+    down = [functools.partial(down_jit, model, structure, l, solver=solver) for l in range(L - 1)]
+    if T is not None:
+        head = eqx.filter_vmap(head, in_axes=(0, 0, None, None))
+        down = [eqx.filter_vmap(d, in_axes=(0, 0, 0)) for d in down]
+    (x, gx, rep), sec = timed(False, head, gleaves, mask, solver, gn_iters)
+    B = T if T is not None else 1
+    fold = fold_down(structure, [as_fold_step(d) for d in down], gleaves, (x, gx), rep, sec, B)
+    image = fold.x.reshape((B,) + structure.input_shape)
     labels = mask.reshape((B,) + tuple(structure.stages[-1].nodes.x_out.shape[1:-1]))
-    dist = _gradient_distance(model, image, labels, gleaves, "cross_entropy", K, T)
+    dist = target_distances(model, image, labels, gleaves, "cross_entropy", K, T is not None)
     return Reconstruction(
-        image=image, label=labels, layers=reports, attack="copa",
+        image=image, label=labels, layers=fold.reports, attack="copa",
         loss_trace=jnp.zeros((B, 0), image.dtype), gradient_distance=dist,
-        seconds=jnp.asarray(time.perf_counter() - t_start, jnp.float32), layer_inputs=layer_inputs,
+        seconds=jnp.asarray(time.perf_counter() - t_start, jnp.float32), layer_inputs=fold.layer_inputs,
     )
-
