@@ -26,7 +26,6 @@ Writes ``benchmarks/out/attacks.json`` and ``benchmarks/out/attacks.md``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -40,13 +39,20 @@ import optax
 
 import jaxinv
 from jaxinv import data, metrics, zoo
-from jaxinv.attacks import attack, candidate_gradient, cosine_distance, project_box, total_variation
-from jaxinv.attacks._ig import ig, multistep_schedule
-from jaxinv.attacks._objectives import hard_targets
+from jaxinv.attacks import (
+    IGOptions,
+    attack,
+    candidate_gradient,
+    cosine_distance,
+    hard_targets,
+    multistep_schedule,
+    project_box,
+    total_variation,
+)
 
 MODELS = ("lenet_dlg", "cnn3_c1")
 ATTACK_NAMES = ("dlg", "idlg", "ig")
-IG_DEFAULTS = {k: inspect.signature(ig).parameters[k].default for k in ("lr", "tv_weight", "box")}
+IG_DEFAULTS = {k: getattr(IGOptions(), k) for k in ("lr", "tv_weight", "box")}
 # IG with the paper's numbers taken literally on [0, 1] inputs (the first row: jaxinv's defaults before the fix).
 IG_VARIANTS = (dict(lr=0.1, tv_weight=1e-4), dict(tv_weight=1e-4), dict(lr=0.1))
 

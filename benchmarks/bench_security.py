@@ -31,7 +31,7 @@ import scipy.stats
 
 import jaxinv
 from jaxinv import data, metrics, zoo
-from jaxinv._security._security import count_conv_rank, rgap_analysis, security
+from jaxinv._security import count_conv_rank, rgap_analysis, security
 
 OUT = Path(__file__).resolve().parent / "out"
 

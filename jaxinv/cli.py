@@ -11,7 +11,7 @@
 ``MODEL`` is a zoo name or ``package.module:factory``: an importable callable, called with
 ``key=jax.random.key(seed)`` if it has a ``key`` parameter, returning a :class:`jaxinv.Model`, ``(linen module,
 variables)`` (then ``--input-shape`` is required) or ``(linen module, variables, input_shape)``; the model takes
-NHWC images in ``[0, 1]`` (see :mod:`jaxinv._audit._targets`).
+NHWC images in ``[0, 1]`` (``jaxinv audit --help`` states the factory contract).
 
 Progress goes to stderr, only when stderr is a terminal and ``CI`` is not set.
 

@@ -234,7 +234,7 @@ def test_a_residual_block_is_one_stage_with_all_its_parameters():
 @pytest.mark.parametrize("which", ["residual", "max_pool", "group_norm"])
 def test_block_maps_against_the_dense_jacobians(which):
     """The security metric's block operator (linearisation at the input) against jax.jacfwd of the block."""
-    from jaxinv._security._security import _Maps
+    from jaxinv._security import LayerMaps as _Maps
 
     if which == "residual":
         model, st = _res(size=6, post=True), 1

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jaxinv
-from jaxinv._security import _security as S
+import jaxinv._security as S
+from jaxinv._security import _certificates as certificates
 from jaxinv import zoo
 from jaxinv._gradient import loss_fn
 from jaxinv._model import UnsupportedModelError
@@ -212,16 +213,16 @@ def test_counting_rules_agree_with_exact_ranks():
 def test_tile_certificate_matches_dense(monkeypatch):
     model = _tiny(convs=((24, 5, 2, 2),), acts=("leaky_relu:0.2", "identity"), shape=(24, 24, 3))
     dense = S.security(model, key=jax.random.key(0))
-    monkeypatch.setattr(S, "_TILE_MIN", 100)  # force the tile certificate on this small layer
+    monkeypatch.setattr(certificates, "TILE_MIN", 100)  # force the tile certificate on this small layer
     tiled = S.security(model, key=jax.random.key(0))
     assert "tile certificate" in tiled.layers[0].method and tiled.layers[0].exact
     assert tiled.layers[0].rank == dense.layers[0].rank == 24 * 24 * 3
     # a deficient layer too large for the structured paths: only a counting estimate, flagged as such
     model = _tiny(convs=((2, 3, 2, 1),), acts=("tanh", "identity"), shape=(24, 24, 3))
-    monkeypatch.setattr(S, "_TILE_MIN", 20000)
+    monkeypatch.setattr(certificates, "TILE_MIN", 20000)
     exact = S.security(model, key=jax.random.key(0)).layers[0]
-    monkeypatch.setattr(S, "_TILE_MIN", 100)
-    monkeypatch.setattr(S, "_DENSE_MAX", 10)
+    monkeypatch.setattr(certificates, "TILE_MIN", 100)
+    monkeypatch.setattr(certificates, "DENSE_MAX", 10)
     est = S.security(model, key=jax.random.key(0)).layers[0]
     assert exact.exact and not est.exact and "counting" in est.method
     assert est.rank >= exact.rank  # counting gives an upper bound on the rank
@@ -237,6 +238,26 @@ def test_deterministic_under_key_and_generic_across_keys():
     c = S.security(model, key=jax.random.key(6)).to_dict()
     assert [r["rank"] for r in c["layers"]] == [r["rank"] for r in a["layers"]]  # ranks are generic
     json.dumps(a)  # JSON-friendly
+
+
+def test_client_and_its_legacy_keywords():
+    """``client=Client(...)`` and the earlier flat keywords give the same report; unknown keywords, a keyword that
+    contradicts the client, and an unsupported combination are refused before any work."""
+    model = _tiny(convs=((2, 3, 1, 0),), acts=("tanh", "identity"), shape=(8, 8, 2))
+    strip = lambda d: {k: v for k, v in d.items() if k != "seconds"} | {  # noqa: E731
+        "layers": [{k: v for k, v in layer.items() if k != "seconds"} for layer in d["layers"]]}
+    key = jax.random.key(2)
+    a = S.security(model, key=key, client=jaxinv.Client(loss="cross_entropy"), probes=2).to_dict()
+    b = S.security(model, key=key, loss="cross_entropy", probes=2).to_dict()
+    assert strip(a) == strip(b)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        S.security(model, key=key, steps=3)
+    with pytest.raises(TypeError, match="both as keyword and on the Client"):
+        S.security(model, key=key, client=jaxinv.Client(loss="logistic"), loss="cross_entropy")
+    with pytest.raises(ValueError, match="not supported"):
+        S.security(model, key=key, batch_size=2, local_steps=2, local_lr=0.1)
+    with pytest.raises(ValueError, match="probes"):
+        S.security(model, key=key, probes=0)
 
 
 def test_report_fields_table_and_with_grads():

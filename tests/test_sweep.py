@@ -99,10 +99,11 @@ def test_sweep_execution_and_client_objects(fcn, tmp_path):
     kw = dict(out=out, key=jax.random.key(0), attacks=("copa",), security=False)
     rows = jaxinv.sweep({"fcn3": fcn}, 2, execution=jaxinv.Execution(chunk=1, resume=False), **kw)
     assert [r["image"] for r in rows] == [0, 1] and all(r["psnr"] > 60 for r in rows), rows
-    ce = jaxinv.Client(loss="cross_entropy")
-    again = jaxinv.sweep({"fcn3": fcn}, 2, chunk=2, client=ce, **kw)
+    with pytest.raises(ValueError, match=r"models\['fcn3'\]: loss='cross_entropy' on a model with one output"):
+        jaxinv.sweep({"fcn3": fcn}, 2, client=jaxinv.Client(loss="cross_entropy"), **kw)
+    again = jaxinv.sweep({"fcn3": fcn}, 2, chunk=2, client=jaxinv.Client(loss="logistic"), **kw)
     assert len(again) == 2 and len(out.read_text().splitlines()) == 4  # other runs: the options say the loss
-    assert all(r["options"] == {"loss": "cross_entropy"} and r["psnr"] > 60 for r in again), again
+    assert all(r["options"] == {"loss": "logistic"} and r["psnr"] > 60 for r in again), again
 
 
 def test_sweep_bad_input(fcn, tmp_path):

@@ -111,6 +111,15 @@ def check_client(client: Client | None, where: str, *, batches: bool = False) ->
     return client
 
 
+def check_client_fits(model: Model, input_shape: tuple[int, ...], client: Client) -> None:
+    """Eager ``ValueError`` when the client's setting does not fit the model (e.g. ``loss="cross_entropy"`` on a
+    model with one output): :func:`shared_gradients` traced on one abstract image, nothing computed."""
+    if client == Client():
+        return
+    x = jax.ShapeDtypeStruct((1, *input_shape), param_dtype(model))
+    jax.eval_shape(lambda a, b: shared_gradients(model, a, b, client), x, jax.ShapeDtypeStruct((1,), jnp.int32))
+
+
 def client_keywords(client: Client) -> dict[str, Any]:
     """The fields of ``client`` that differ from ``Client()``, as the flat keywords :func:`jaxinv.security` and the
     attacks take (``loss``, ``batch_size``, ``local_steps``, ``local_lr``): empty for the default client.
@@ -365,6 +374,7 @@ def audit(
     names = check_attacks(attacks)
     opts = merged_options(names, attack_options, client)
     shape = model.resolve_input_shape(input_shape)
+    check_client_fits(model, shape, client)
     dtype = param_dtype(model)
     x = check_images(images, shape).astype(dtype)
     N = x.shape[0]

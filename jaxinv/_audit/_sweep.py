@@ -47,16 +47,8 @@ from .._gradient import check_labels, num_labels
 from .._model import Model
 from .._security import security as security_report
 from .._version import __version__
-from ._audit import (
-    check_attacks,
-    check_client,
-    check_images,
-    client_keywords,
-    error_text,
-    merged_options,
-    run_attack,
-    shared_gradients,
-)
+from ._audit import check_attacks, check_client, check_client_fits, check_images, client_keywords, error_text
+from ._audit import merged_options, run_attack, shared_gradients
 from ._result import jsonable, leaking_layer
 from ._targets import load_target
 
@@ -382,6 +374,7 @@ def sweep(
             built = _resolve(mname, m)
             shape = built.resolve_input_shape(None)
             K = num_labels(built, shape)
+            check_client_fits(built, shape, client)
         except ValueError as e:
             raise ValueError(f"models[{mname!r}]: {str(e).splitlines()[0]}") from None
         mkey = seed("model", mname)

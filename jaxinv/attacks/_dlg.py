@@ -129,17 +129,9 @@ def _dlg_one(model: Model, gleaves, labels, key, spec: Spec):
     return z["x"], lab, res.trace, relative_distance(shared(z["x"], hard_targets(lab, K, dtype)), gleaves)
 
 
-def dlg(
-    model: Model,
-    grads: PyTree,
-    *,
-    label: int | Int[Array, "..."] | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    client: Client | None = None,
-    options: DLGOptions | None = None,
-    key: PRNGKeyArray | None = None,
-    **legacy: Any,
-) -> Reconstruction:
+def dlg(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None = None,
+        input_shape: tuple[int, ...] | None = None, client: Client | None = None, options: DLGOptions | None = None,
+        key: PRNGKeyArray | None = None, **legacy: Any) -> Reconstruction:
     r"""Deep Leakage from Gradients: L-BFGS on dummy data and a dummy soft label, squared L2 gradient distance.
 
     .. math:: \min_{\hat x, \hat y}\ \sum_{\text{leaves}}
@@ -182,17 +174,9 @@ def dlg(
                       options=options, recover=False)
 
 
-def idlg(
-    model: Model,
-    grads: PyTree,
-    *,
-    label: int | Int[Array, "..."] | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    client: Client | None = None,
-    options: DLGOptions | None = None,
-    key: PRNGKeyArray | None = None,
-    **legacy: Any,
-) -> Reconstruction:
+def idlg(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None = None,
+         input_shape: tuple[int, ...] | None = None, client: Client | None = None, options: DLGOptions | None = None,
+         key: PRNGKeyArray | None = None, **legacy: Any) -> Reconstruction:
     r"""Improved DLG: the label from the head's gradient, then DLG on the data only.
 
     The label is :func:`jaxinv.recover_label` (one image: the negative entry of the head's bias gradient) or

@@ -186,17 +186,9 @@ def _ig_one(model: Model, gleaves, labels, key, spec: Spec):
     return x, labels.astype(jnp.int32), traces[best], relative_distance(shared(x), gleaves)
 
 
-def ig(
-    model: Model,
-    grads: PyTree,
-    *,
-    label: int | Int[Array, "..."] | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    client: Client | None = None,
-    options: IGOptions | None = None,
-    key: PRNGKeyArray | None = None,
-    **legacy: Any,
-) -> Reconstruction:
+def ig(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None = None,
+       input_shape: tuple[int, ...] | None = None, client: Client | None = None, options: IGOptions | None = None,
+       key: PRNGKeyArray | None = None, **legacy: Any) -> Reconstruction:
     r"""Inverting Gradients: cosine gradient distance + total variation, signed Adam, box projection, restarts.
 
     .. math:: \min_{\hat x\in[lo,hi]^n}\ 1 - \cos\big(\nabla_\theta\ell(f_\theta(\hat x), y),\ g\big)

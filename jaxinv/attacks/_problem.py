@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, Callable
 
 import equinox as eqx
@@ -87,11 +86,16 @@ def attack_options(where: str, client: Client | None, options: Any, cls: type, l
 
 def number(value: Any, name: str, where: str, *, positive: bool = False) -> float:
     """``value`` as a finite ``float >= 0`` (``> 0`` when ``positive``); a ``ValueError`` naming it otherwise."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        kind = "a finite number > 0" if positive else "a finite number >= 0"
+    kind = "a finite number > 0" if positive else "a finite number >= 0"
+    try:
+        if isinstance(value, (bool, np.bool_, str, bytes)):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {name} must be {kind}, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
         raise ValueError(f"{where}: {name} must be {kind}, got {value!r}")
-    return float(value)
+    return v
 
 
 def check_loop(options: Any, where: str) -> None:

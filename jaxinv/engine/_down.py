@@ -40,7 +40,7 @@ def down_step(model: Model, structure: Structure, l: int, gleaves: list[Array], 
         x, refined = pullback_layer(structure.stages, l, leaves, sys, z, gW, mask, x, pullback)
         if pullback.correct > 0:
             x, more = correct(structure.stages, l, sys, x, x_lsq, z, gW, mask, solver, pullback.box,
-                                 pullback.correct)
+                              pullback.correct)
             steps = steps + more
         fres, gres = residuals(sys, x, z, gW, mask)
     bres = bias_residual(st, leaves, gleaves, delta)

@@ -1,0 +1,135 @@
+r"""The defended score: how a defence, the client's local steps or its batch change what the attack recovers.
+
+Above the engine (:func:`jaxinv.copa` inverts the probes' gradients), the representative pass's
+:func:`natural_probes` and the score's verdicts (:mod:`._score`); used by the entry (:func:`jaxinv.security`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import metrics
+from .._client import Client
+from .._fedavg import local_update, update_as_gradient
+from .._gradient import client_gradient, num_labels, stacked_gradients
+from .._model import Model
+from ..engine import copa
+from ._pass import natural_probes
+from ._report import LayerSecurity
+from ._score import defended_verdict
+
+
+def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray, *, key, input_shape=None,
+                      loss: str = "auto", local_steps: int = 1, local_lr: float | None = None
+                      ) -> tuple[np.ndarray, float]:
+    r"""How a defence's change to the gradient propagates through the layer-wise inversion.
+
+    For natural probe images :math:`p_j` with random labels, the clean gradients :math:`g_j` and the shared ones
+    :math:`\tilde g_j = D(g_j; k_j)` are inverted by :func:`jaxinv.copa` with the labels known. With
+    ``local_steps`` :math:`K > 1` the client shares a FedAvg update, read as the first-order gradient
+    :func:`jaxinv.update_as_gradient` before the defence, and COPA corrects it by simulating the steps
+    (``copa(..., local_steps=K)``). Layer :math:`l`'s **noise gain** is
+    :math:`\mathrm{RMS}(\tilde x_{l-1} - \hat x_{l-1}) / \mathrm{RMS}(\tilde g - g)` (reconstructed layer inputs
+    from the shared and the clean gradient, RMS over entries and probes): how much one unit of gradient perturbation
+    moves that layer's answer, the product of the conditioning of every layer above it. The image error the
+    defence adds is :math:`\mathrm{MSE}_D = \mathrm{mean}\,(\mathrm{clip}(\tilde x_0) - \mathrm{clip}(\hat x_0))^2`
+    (images in ``[0, 1]``).
+
+    Returns:
+        ``(gains per layer, input layer first; MSE_D)``.
+    """
+    shape = model.resolve_input_shape(input_shape)
+    x = jnp.asarray(probes, model.structure(shape).dtype)
+    k_y, k_d = jax.random.split(key)
+    y = jax.random.randint(k_y, (x.shape[0],), 0, num_labels(model, shape))
+    g = stacked_gradients(model, x, y)
+    gd = g
+    if local_lr is not None:  # weights shared: even one step carries the float rounding of theta_0 - lr g
+        gd = jax.vmap(lambda xi, yi: update_as_gradient(local_update(model, xi[None], yi[None], steps=local_steps,
+                                                                     lr=local_lr, loss=loss),
+                                                        steps=local_steps, lr=local_lr))(x, y)
+    if defence is not None:
+        gd = jax.vmap(defence)(gd, jax.random.split(k_d, x.shape[0]))
+    rc = copa(model, g, label=y, input_shape=shape, client=Client(loss=loss))
+    rn = copa(model, gd, label=y, input_shape=shape,
+              client=Client(loss=loss, local_steps=local_steps, local_lr=local_lr if local_steps > 1 else None))
+    diff = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
+            for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(g))]
+    g_rms = math.sqrt(sum(float(np.sum(d * d)) for d in diff) / max(sum(d.size for d in diff), 1))
+    gains = np.array([float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+                      / max(g_rms, 1e-300) for a, b in zip(rn.layer_inputs, rc.layer_inputs)])
+    mse = float(np.mean((np.clip(np.asarray(rn.image, np.float64), 0, 1)
+                         - np.clip(np.asarray(rc.image, np.float64), 0, 1)) ** 2))
+    return gains, mse
+
+
+def batch_psnr(model: Model, batch_size: int, *, key, input_shape=None, loss: str = "auto",
+               defence: Callable | None = None) -> float:
+    r"""PSNR (dB) of :func:`jaxinv.copa` on one gradient of ``batch_size`` natural probes (:func:`natural_probes`,
+    random labels without repeats where the head allows, ``defence`` applied), the reconstructions matched to the
+    probes (:func:`jaxinv.metrics.match`); the mean over the batch of the matched MSE, in dB."""
+    shape = model.resolve_input_shape(input_shape)
+    k_p, k_y, k_d, k_c = jax.random.split(key, 4)
+    x = jnp.asarray(natural_probes(k_p, shape, batch_size), model.structure(shape).dtype)
+    K = num_labels(model, shape)
+    y = jax.random.permutation(k_y, max(K, batch_size))[:batch_size] % K
+    g = client_gradient(model, x, y, loss=loss)
+    if defence is not None:
+        g = defence(g, k_d)
+    rec = copa(model, g, label=y, input_shape=shape, client=Client(loss=loss), key=k_c)
+    img = jnp.clip(rec.image, 0, 1)
+    perm, _ = metrics.match(img, x, metric="mse")
+    mse = float(jnp.mean((img[jnp.asarray(perm)] - x) ** 2))
+    return float(-10 * np.log10(max(mse, 1e-30)))
+
+
+def under_client(model: Model, layers: tuple[LayerSecurity, ...], score: float, *, client: Client,
+                 defence: Callable | None, probes: np.ndarray, key, input_shape: tuple[int, ...]
+                 ) -> tuple[tuple[LayerSecurity, ...], dict]:
+    r"""The score of :func:`jaxinv.security` under the client's setting and ``defence``.
+
+    * ``client.batch_size`` :math:`B > 1`: the PSNR of the batch attack on :math:`B` probes (:func:`batch_psnr`,
+      key ``fold_in(key, 2)``), capped by the single-image ``score``;
+    * shared weights (``client.local_lr`` given: :math:`K` local steps, even one) or a ``defence``: the image error
+      the change to the gradient adds (:func:`noise_propagation` of ``probes``, key ``fold_in(key, 1)``),
+      :math:`-10\log_{10}(10^{-s/10} + \mathrm{MSE}_D)`; every layer gets its ``noise_gain``.
+
+    Returns:
+        ``(layers, fields)``: the layers (with their noise gains) and the :class:`jaxinv.SecurityReport` fields
+        that change (``score``, ``verdict``, ``defence``, ``score_undefended``, ``noise_mse``); no fields for a
+        plain gradient.
+    """
+    batch_size = client.batch_size or 1
+    if batch_size > 1:
+        name = " -> ".join([f"batch(B={batch_size})"] + ([getattr(defence, "name", "defence")] if defence else []))
+        try:
+            batch = batch_psnr(model, batch_size, key=jax.random.fold_in(key, 2), input_shape=input_shape,
+                               loss=client.loss, defence=defence)
+        except ValueError as e:
+            raise ValueError(f"security(batch_size={batch_size}) runs the batch layer-wise attack on probes, which "
+                             f"cannot run on {model.name!r}: {str(e).splitlines()[0]}") from None
+        shared = min(batch, score)
+        return layers, dict(score=shared, verdict=defended_verdict(shared, name, score), defence=name,
+                            score_undefended=score)
+    if defence is None and client.local_lr is None:
+        return layers, {}
+    names = ([f"fedavg(K={client.local_steps}, lr={float(client.local_lr):g})"] if client.local_lr is not None
+             else []) + ([getattr(defence, "name", getattr(defence, "__name__", "defence"))] if defence is not None
+                         else [])
+    name = " -> ".join(names)
+    try:
+        gains, mse = noise_propagation(model, defence, probes, key=jax.random.fold_in(key, 1), input_shape=input_shape,
+                                       loss=client.loss, local_steps=client.local_steps, local_lr=client.local_lr)
+    except ValueError as e:
+        raise ValueError(f"security(defence=...) measures the defence through the layer-wise inversion, which "
+                         f"cannot run on {model.name!r}: {str(e).splitlines()[0]}") from None
+    layers = tuple(dataclasses.replace(r, noise_gain=float(gn)) for r, gn in zip(layers, gains))
+    shared = float(-10 * np.log10(10 ** (-score / 10) + mse))
+    return layers, dict(score=shared, verdict=defended_verdict(shared, name, score), defence=name,
+                        score_undefended=score, noise_mse=mse)
