@@ -21,7 +21,7 @@ from ._security import LayerSecurity, SecurityReport, security
 from ._sharding import shard_targets, target_mesh
 from ._version import __version__
 from .attacks import ATTACKS, attack
-from .engine import Pullback, copa
+from .engine import Pullback, Solver, copa
 
 # submodules reachable as attributes of the package, imported when first used
 _SUBMODULES = ("attacks", "cli", "data", "defences", "engine", "flower", "metrics", "report", "zoo")
@@ -47,6 +47,7 @@ __all__ = [
     "Model",
     "Reconstruction",
     "RESULTS",
+    "Solver",
     "UnsupportedModelError",
     "HeadNotInvertibleError",
     "client_gradient",

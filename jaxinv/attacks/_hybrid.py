@@ -71,6 +71,7 @@ from ..engine import (
     head_jit,
     is_traced,
     layer_system,
+    renamed_refine,
     residuals,
     rms_scale,
     solve_layer,
@@ -107,7 +108,7 @@ class HybridOptions(eqx.Module):
         (100, 100, 100)
     """
 
-    max_steps: tuple[int, int, int] = eqx.field(static=True, default=(2000, 1000, 200), converter=_steps_triple)
+    max_steps: tuple[int, int, int] | int = eqx.field(static=True, default=(2000, 1000, 200), converter=_steps_triple)
     lr: float = eqx.field(static=True, default=0.1)
     tv_weight: float = eqx.field(static=True, default=0.1)
     system_weight: float = eqx.field(static=True, default=1.0)
@@ -304,12 +305,15 @@ def hybrid(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None
         Gradient Matching. BMVC 2022 (arXiv 2210.13231).
     """
     del key
-    if "pullback" in legacy:
-        refine = legacy.pop("pullback")
+    refine = renamed_refine("hybrid", refine, legacy)
     client = merge_options(client, Client, legacy, "hybrid")
     ho = merge_options(options, HybridOptions, legacy, "hybrid")
     no_more_keywords(legacy, "hybrid", "label, input_shape, client (jaxinv.Client), options "
                      "(jaxinv.attacks.HybridOptions), refine, key")
+    if client.fedavg or (client.batch_size or 1) > 1:
+        raise ValueError(
+            "hybrid inverts one image's gradient: a FedAvg update (local_steps > 1) or a batch (batch_size > 1) is not "
+            "modelled by it; use jaxinv.copa (both) or jaxinv.attack('ig', ...) for these clients")
     if not isinstance(model, Model):
         raise TypeError(
             f"model must be a jaxinv.Model (jaxinv.from_linen / from_nnx / from_fn), got {type(model).__name__}"

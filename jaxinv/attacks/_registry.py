@@ -31,7 +31,7 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from .._model import Model
 from .._result import Reconstruction
-from ..engine import copa
+from ..engine import RENAMED, copa
 from ._dlg import dlg, idlg
 from ._hybrid import hybrid
 from ._ig import ig
@@ -50,8 +50,6 @@ _REGISTRY: dict[str, Callable[..., Reconstruction]] = {
 ATTACKS: tuple[str, ...] = tuple(_REGISTRY)
 """Names of the registered attacks, for :func:`attack`."""
 
-RENAMED: dict[str, str] = {"pullback": "refine"}
-"""Earlier names of attack parameters, ``{old: new}``: accepted by every attack that has the parameter ``new``."""
 
 _COMMON = ("model", "grads", "label", "input_shape", "key")
 

@@ -23,7 +23,7 @@ from ._layer import (
     solve_layer,
     unactivate,
 )
-from ._options import CopaOptions, Solver, layerwise_options
+from ._options import RENAMED, CopaOptions, Solver, layerwise_options, renamed_refine
 from ._refine import (
     Pullback,
     RefineResult,
@@ -48,6 +48,7 @@ __all__ = [
     "BlockSystem",
     "LayerSystem",
     "CopaOptions",
+    "RENAMED",
     "Fold",
     "LayerSolution",
     "Pullback",
@@ -82,6 +83,7 @@ __all__ = [
     "pullback_layer",
     "range_penalty",
     "relu_inactive",
+    "renamed_refine",
     "relu_active",
     "residuals",
     "rms_scale",

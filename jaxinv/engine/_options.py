@@ -72,7 +72,18 @@ def batching_mode(batching: str) -> str:
     return "vmap" if batching == "auto" else batching
 
 
-LEGACY_REFINE = "pullback"
+RENAMED: dict[str, str] = {"pullback": "refine"}
+"""Earlier names of the layer-wise attacks' parameters, ``{old: new}`` (the attack registry reads it too)."""
+
+
+def renamed_refine(where: str, refine: Any, legacy: dict[str, Any]) -> Any:
+    """``refine``, or the value of its earlier name ``pullback`` when that was given instead (consumed)."""
+    if "pullback" not in legacy:
+        return refine
+    value = legacy.pop("pullback")
+    if refine is not False and refine is not value:
+        raise TypeError(f"{where}: pullback (the earlier name) and refine given together: pass refine only")
+    return value
 
 
 def layerwise_options(where: str, client: Client | None, solver: Solver | None, refine: Any,
@@ -88,11 +99,7 @@ def layerwise_options(where: str, client: Client | None, solver: Solver | None, 
         >>> (c.loss, s.max_steps, r)
         ('logistic', 50, False)
     """
-    if LEGACY_REFINE in legacy:
-        value = legacy.pop(LEGACY_REFINE)
-        if refine is not False and refine is not value:
-            raise TypeError(f"{where}: pullback (the earlier name) and refine given together: pass refine only")
-        refine = value
+    refine = renamed_refine(where, refine, legacy)
     client = merge_options(client, Client, legacy, where)
     solver = merge_options(solver, Solver, legacy, where)
     no_more_keywords(legacy, where, "label, input_shape, client (jaxinv.Client), solver (jaxinv.engine.Solver), "
