@@ -50,8 +50,11 @@ def local_update(
     on ``(x, y)`` with learning rate ``lr``, starting from ``model.params``.
 
     Example:
-        >>> upd = jaxinv.local_update(model, x[:1], jnp.array([3]), steps=5, lr=0.01)
-        >>> rec = jaxinv.copa(model, jaxinv.update_as_gradient(upd, steps=5, lr=0.01))
+        >>> upd = jaxinv.local_update(model, x, y, steps=5, lr=0.01)
+        >>> client = jaxinv.Client(local_steps=5, local_lr=0.01)  # COPA models the client's 5 steps
+        >>> rec = jaxinv.copa(model, jaxinv.update_as_gradient(upd, steps=5, lr=0.01), client=client)
+        >>> float(jaxinv.metrics.psnr(rec.image, x)[0]) > 60
+        True
     """
     steps, lr = check_steps_lr(steps, lr, "local_update")
     x, y = jnp.asarray(x), jnp.asarray(y).reshape(-1)

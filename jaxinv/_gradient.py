@@ -110,6 +110,8 @@ def client_gradient(
 
     Example:
         >>> grads = jaxinv.client_gradient(model, images[:1], jnp.array([3]))
+        >>> jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(model.params)
+        True
     """
     params = model.params if params is None else params
     x = jnp.asarray(x)

@@ -164,7 +164,8 @@ def recover_labels(
 
     Example:
         >>> grads = jaxinv.client_gradient(model, images[:4], jnp.array([3, 1, 7, 1]))
-        >>> jaxinv.recover_labels(model, grads, 4)   # -> [1, 1, 3, 7]
+        >>> jaxinv.recover_labels(model, grads, 4).tolist()
+        [1, 1, 3, 7]
     """
     batch_size = positive_int(batch_size, "batch_size", "recover_labels")
     d, exact = head_signal(model, grads, input_shape)

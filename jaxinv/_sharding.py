@@ -7,8 +7,11 @@ solver's loops; the per-iteration convergence test is the only cross-device redu
 single-device ones up to floating-point rounding.
 
 Example:
-    >>> grads, labels = jaxinv.shard_targets((grads, labels))   # all local devices
-    >>> rec = jaxinv.copa(model, grads, label=labels)           # rec.image is sharded the same way
+    >>> stacked = jax.vmap(lambda a, b: jaxinv.client_gradient(model, a[None], b[None]))(images[:2], labels[:2])
+    >>> stacked, targets = jaxinv.shard_targets((stacked, labels[:2]))   # 2 targets over all local devices
+    >>> rec = jaxinv.copa(model, stacked, label=targets)                 # rec.image is sharded the same way
+    >>> rec.image.shape, rec.image.sharding.device_set == set(jax.local_devices())
+    ((2, 16, 16, 3), True)
 """
 
 from __future__ import annotations

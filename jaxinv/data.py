@@ -403,7 +403,7 @@ def load_tfds(
 
     Example:
         >>> x, y = data.load_tfds("cifar10", "test", 8)  # doctest: +SKIP
-        >>> x.shape, y.shape
+        >>> x.shape, y.shape  # doctest: +SKIP
         ((8, 32, 32, 3), (8,))
     """
     n = _check_int(n, "n")

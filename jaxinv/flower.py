@@ -18,8 +18,10 @@ Needs Flower: ``pip install 'jaxinv[flower]'`` (``flwr[simulation]``, whose simu
 
 Example:
     >>> from flwr.server.strategy import FedAvg
-    >>> strategy = jaxinv.flower.AuditStrategy(FedAvg(...), model, out_dir="audit", local_steps=1, local_lr=0.1,
-    ...                                        key=jax.random.key(0))
+    >>> strategy = jaxinv.flower.AuditStrategy(FedAvg(), model, out_dir="audit", key=jax.random.key(0),
+    ...                                        client=jaxinv.Client(local_steps=1, local_lr=0.1))
+    >>> strategy.attacks, strategy.client.fedavg
+    (('copa',), False)
     >>> # ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=3)) in the ServerApp
 """
 

@@ -219,8 +219,11 @@ def match(
         ValueError: shapes differ or are not batches, or an unknown metric.
 
     Example:
-        >>> perm, scores = match(recon, truth)  # doctest: +SKIP
-        >>> aligned = recon[perm]  # doctest: +SKIP
+        >>> recon = images[::-1]  # a batch attack's answer, in another order
+        >>> perm, scores = match(recon, images)
+        >>> perm.tolist(), bool(np.all(np.isinf(scores)))
+        ([3, 2, 1, 0], True)
+        >>> aligned = recon[perm]  # aligned[j] is matched to images[j]
     """
     if metric not in _METRICS:
         raise ValueError(f"match: unknown metric {metric!r}; choose one of {', '.join(_METRICS)}.")

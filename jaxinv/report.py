@@ -11,8 +11,10 @@ Stable element ids (for tests and for linking): ``#verdict`` (with the badge ``#
 
 Example:
     >>> from jaxinv import report
-    >>> res = jaxinv.audit(model, x, key=jax.random.key(0))
+    >>> res = jaxinv.audit(model, images[:2], attacks=("copa",), key=jax.random.key(0))
     >>> page = report.render(res)   # or res.save("report/") for report.html + metrics.json + PNGs
+    >>> page.startswith("<!DOCTYPE html>"), 'id="grid-copa"' in page
+    (True, True)
 """
 
 from ._audit import BADGE_COLOURS, HIGHLIGHT, PALETTE, image_grid, png_bytes, render, residual_plot, save, slug

@@ -1,7 +1,10 @@
+"""Fixtures and collection order. Shared factories and helpers (tiny models, photos, PSNR) live in helpers.py."""
+
 import jax
-import numpy as np
 import pytest
-from skimage import data, transform
+
+# test_fedavg.py still imports these from here: switch it to ``from helpers import photo, psnr``, then delete this
+from helpers import photo, psnr  # noqa: F401
 
 
 @pytest.fixture
@@ -11,20 +14,6 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", prev)
-
-
-def photo(name="astronaut", size=16):
-    """A real photo thumbnail in [0, 1], shape (1, size, size, 3), float32."""
-    img = getattr(data, name)()
-    h, w = img.shape[:2]
-    s = min(h, w)
-    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    return transform.resize(img, (size, size), anti_aliasing=True).astype(np.float32)[None]
-
-
-def psnr(a, b):
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return 10 * np.log10(1.0 / max(mse, 1e-30))
 
 
 def pytest_collection_modifyitems(config, items):

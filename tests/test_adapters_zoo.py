@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import zoo_model
 
 import jaxinv
 from jaxinv import zoo
@@ -73,9 +74,8 @@ def test_every_adapter_reads_the_same_layers(name):
 @pytest.mark.parametrize("name", zoo.names())
 def test_linen_reads_every_zoo_model(name):
     # from_linen checks its reading against module.apply on a random input before returning
-    module, variables = zoo.build(name, key=jax.random.PRNGKey(0))
     info = zoo.info(name)
-    layers = jaxinv.from_linen(module, variables, input_shape=zoo.input_shape(name)).layers()
+    layers = zoo_model(name).layers()
     assert len(layers) == len(info.layers) + 1
     assert [l.activation.split("(")[0] for l in layers] == [a.split(":")[0] for a in info.activations]
     assert [l.bias for l in layers] == [c.bias for c in info.layers] + [info.head.bias]

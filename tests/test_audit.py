@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import AUDIT_DEFAULTS, Progress, leaking_layer, load_target, step_options
 
 import jaxinv
 from jaxinv import cli, data, zoo
-from jaxinv._audit import AUDIT_DEFAULTS, leaking_layer, load_target, step_options
 from jaxinv.attacks import check_options
 
 SHAPE = (16, 16, 3)
@@ -231,7 +231,7 @@ def test_cli_attack_grid_json_and_gate(capsys, tmp_path):
 
 def test_progress_line(monkeypatch):
     buf = io.StringIO()
-    p = cli._Progress(enabled=True, stream=buf)
+    p = Progress(enabled=True, stream=buf)
     p(0, 2, "security analysis")
     p(2, 2, "done")
     assert "1/2 security analysis" in buf.getvalue() and buf.getvalue().endswith("2/2 done\n")
@@ -241,10 +241,10 @@ def test_progress_line(monkeypatch):
             return True
 
     monkeypatch.setenv("CI", "true")
-    assert not cli._Progress(stream=Tty()).enabled
+    assert not Progress(stream=Tty()).enabled
     monkeypatch.delenv("CI")
-    assert cli._Progress(stream=Tty()).enabled
-    assert not cli._Progress(stream=io.StringIO()).enabled
+    assert Progress(stream=Tty()).enabled
+    assert not Progress(stream=io.StringIO()).enabled
 
 
 def test_audit_defaults_are_valid_options():

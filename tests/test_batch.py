@@ -4,21 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import zoo_model
 
 import jaxinv
-from jaxinv import data, metrics, zoo
-from jaxinv.engine import batch_system
-from jaxinv.engine import LayerSystem
-
-
-def _model(name, input_shape=(32, 32, 3)):
-    module, variables = zoo.build(name, key=jax.random.key(0), input_shape=input_shape)
-    return jaxinv.from_linen(module, variables, input_shape=input_shape, name=name)
+from jaxinv import data, metrics
+from jaxinv.engine import LayerSystem, batch_system
 
 
 def test_batch_system_against_dense_matrices():
     """The joint operator: block-diagonal forward rows, summed gradient rows (dense oracle on a tiny conv)."""
-    model = _model("cnn2_c1", (6, 6, 3))
+    model = zoo_model("cnn2_c1", (6, 6, 3))
     st = model.structure().stages[0]
     leaves = jax.tree_util.tree_leaves(model.params)
     B = 3
@@ -44,7 +39,7 @@ def test_batch_system_against_dense_matrices():
 
 
 def test_copa_separates_a_batch_at_a_wide_head():
-    model = _model("cnn2_c1")
+    model = zoo_model("cnn2_c1")
     B = 4
     x = data.sample_images(B, key=jax.random.key(3))
     y = jnp.array([1, 5, 5, 8])  # a repeated label too
@@ -63,7 +58,7 @@ def test_copa_separates_a_batch_at_a_wide_head():
 
 @pytest.mark.slow
 def test_batch_errors_and_the_metric():
-    model = _model("cnn2_c1")
+    model = zoo_model("cnn2_c1")
     x = data.sample_images(2, key=jax.random.key(3))
     g = jaxinv.client_gradient(model, x, jnp.array([1, 2]))
     with pytest.raises(ValueError, match="label has 2 entries but batch_size is 3"):
@@ -74,6 +69,6 @@ def test_batch_errors_and_the_metric():
         jaxinv.copa(model, g, label=jnp.array([1, 2]), pullback=True)
     rep = jaxinv.security(model, key=jax.random.key(0), batch_size=4, probes=1)
     assert rep.defence == "batch(B=4)" and rep.score > 60 and rep.score <= rep.score_undefended
-    deep = _model("cnn6_head10")
+    deep = zoo_model("cnn6_head10")
     r4 = jaxinv.security(deep, key=jax.random.key(0), batch_size=4, probes=1).score
     assert r4 < 25, r4  # CNN6's convolutions need their gradient rows, which a batch shares (B = 1: > 90 dB)

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import LayerMaps, init_model, psnr, zoo_model
 
 import jaxinv
 from jaxinv import data, zoo
 from jaxinv.engine import LayerSystem
-from conftest import psnr
 
 
 class Net(nn.Module):
@@ -93,9 +93,7 @@ def test_batchnorm_layer_operators_against_the_dense_matrices():
 @pytest.mark.parametrize("norm,where", [("layer", "LayerNorm_0"), ("group", "GroupNorm_0"),
                                         ("batch_train", "BatchNorm_0")])
 def test_normalisation_by_data_statistics_is_read_with_its_layer_as_a_block(norm, where):
-    m = Net(norm)
-    v = m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    model = jaxinv.from_linen(m, v, input_shape=(16, 16, 3))  # BatchNorm's statistics update is ignored
+    model = init_model(Net(norm), (16, 16, 3))  # BatchNorm's statistics update is ignored
     layers = model.layers()
     assert [l.kind for l in layers] == ["block", "block", "dense"]
     assert set(layers[0].path[6:-1].split(",")) == {"Conv_0", where} and layers[0].activation == "tanh"
@@ -116,8 +114,7 @@ class GN(nn.Module):
 def test_groupnorm_model_is_inverted_and_the_metric_agrees():
     """GroupNorm (the usual BatchNorm replacement in federated learning) with the convolution before it is one
     block; its input is determined at the truth and recovered from u = 0."""
-    m = GN()
-    model = jaxinv.from_linen(m, m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))), input_shape=(16, 16, 3))
+    model = init_model(GN(), (16, 16, 3))
     x = data.load_photo("coffee", size=16)[None]
     rec = jaxinv.copa(model, jaxinv.client_gradient(model, x, jnp.array([3])), label=3)
     assert all(int(r.status) == 0 for r in rec.layers) and psnr(rec.image, x) > 60.0
@@ -126,8 +123,7 @@ def test_groupnorm_model_is_inverted_and_the_metric_agrees():
 
 
 def test_max_pooling_is_read_with_its_layer_as_a_block_and_resnet_as_blocks():
-    m = Net("none", pool="max")
-    model = jaxinv.from_linen(m, m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))), input_shape=(16, 16, 3))
+    model = init_model(Net("none", pool="max"), (16, 16, 3))
     layers = model.layers()
     assert [l.kind for l in layers] == ["block", "block", "dense"]
     assert [l.path for l in layers[:2]] == ["Conv_0", "Conv_1"] and layers[0].out_shape == (7, 7, 6)
@@ -143,8 +139,7 @@ def test_max_pooling_is_read_with_its_layer_as_a_block_and_resnet_as_blocks():
               "w": jax.random.normal(jax.random.key(2), (5, 4))}
     model = jaxinv.from_fn(global_max, params, input_shape=(8, 8, 3))
     assert [(l.kind, l.out_shape) for l in model.layers()] == [("block", (5,)), ("dense", (4,))]
-    module, variables = zoo.build("resnet8", key=jax.random.key(0), input_shape=(16, 16, 3))
-    model = jaxinv.from_linen(module, variables, input_shape=(16, 16, 3))
+    model = zoo_model("resnet8", (16, 16, 3))
     assert [l.kind for l in model.layers()] == ["conv", "block", "block", "block", "dense"]
     # the second and third blocks have a projection shortcut: 3 kernels and 3 biases each
     assert [len(l.params) for l in model.layers()] == [2, 4, 6, 6, 2]
@@ -168,8 +163,7 @@ def test_max_pooling_block_metric_and_copa(c):
     and 112 gradient rows) is underdetermined, as the metric says and the attack confirms; with 16 channels it is
     determined at the truth (the argmax pattern fixed), and COPA, solving for the pattern from u = 0, gets part of
     the way and says so in its report."""
-    m = Pool(c)
-    model = jaxinv.from_linen(m, m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))), input_shape=(16, 16, 3))
+    model = init_model(Pool(c), (16, 16, 3))
     x = data.load_photo("coffee", size=16)[None]
     rep = jaxinv.security(model, key=jax.random.key(1), probes=2)
     b = rep.layers[0]
@@ -187,9 +181,7 @@ def test_max_pooling_block_metric_and_copa(c):
 
 def test_resnet_norm_variants_build():
     for norm in ("batch", "group"):
-        m = zoo.ResNet(norm=norm)
-        v = m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-        model = jaxinv.from_linen(m, v, input_shape=(16, 16, 3), strict=False)
+        model = init_model(zoo.ResNet(norm=norm), (16, 16, 3), strict=False)
         assert model(jnp.zeros((1, 16, 16, 3))).shape == (1, 10)
 
 
@@ -215,8 +207,7 @@ class Res(nn.Module):
 
 
 def _res(size=16, **kw):
-    m = Res(**kw)
-    return jaxinv.from_linen(m, m.init(jax.random.key(1), jnp.zeros((1, size, size, 3))), input_shape=(size, size, 3))
+    return init_model(Res(**kw), (size, size, 3), seed=1)
 
 
 def test_a_residual_block_is_one_stage_with_all_its_parameters():
@@ -234,13 +225,10 @@ def test_a_residual_block_is_one_stage_with_all_its_parameters():
 @pytest.mark.parametrize("which", ["residual", "max_pool", "group_norm"])
 def test_block_maps_against_the_dense_jacobians(which):
     """The security metric's block operator (linearisation at the input) against jax.jacfwd of the block."""
-    from jaxinv._security import LayerMaps as _Maps
-
     if which == "residual":
         model, st = _res(size=6, post=True), 1
     else:
-        m = Pool(3) if which == "max_pool" else GN()
-        model, st = jaxinv.from_linen(m, m.init(jax.random.key(0), jnp.zeros((1, 6, 6, 2))), input_shape=(6, 6, 2)), 0
+        model, st = init_model(Pool(3) if which == "max_pool" else GN(), (6, 6, 2)), 0
     st = model.structure().stages[st]
     assert st.nodes.kind == "block"
     leaves = jax.tree_util.tree_leaves(model.params)
@@ -248,7 +236,7 @@ def test_block_maps_against_the_dense_jacobians(which):
     z = st.affine(u, leaves)
     mask = (z > 0).astype(z.dtype)
     delta = jax.random.normal(jax.random.key(1), z.shape)
-    maps = _Maps(st, leaves, delta, mask, u)
+    maps = LayerMaps(st, leaves, delta, mask, u)
     n = maps.n
     A = jax.jacfwd(lambda v: (st.affine(v.reshape(u.shape), leaves) * mask).reshape(-1))(u.reshape(-1))
 

@@ -5,39 +5,10 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import pytest
-from conftest import photo, psnr
+from helpers import DN, photo, plain_cnn, psnr, stack_trees
 
 import jaxinv
-from jaxinv.engine import LayerSystem
-
-DN = ("NHWC", "HWIO", "NHWC")
-
-
-def make(convs, acts, n_out=5, head_bias=True, dtype=jnp.float32, key=0, size=16):
-    """A plain-JAX CNN: convs = [(out, k, stride, pad)], acts = one per conv + one on the logits."""
-    keys = iter(jax.random.split(jax.random.PRNGKey(key), 16))
-    p, c, h = {}, 3, size
-    for i, (o, k, s, pad) in enumerate(convs):
-        bound = 1 / np.sqrt(c * k * k)
-        p[f"conv{i}"] = jax.random.uniform(next(keys), (k, k, c, o), dtype, -bound, bound)
-        c, h = o, (h + 2 * pad - k) // s + 1
-    n = c * h * h
-    p["head"] = jax.random.uniform(next(keys), (n, n_out), dtype, -1 / np.sqrt(n), 1 / np.sqrt(n))
-    if head_bias:
-        p["head_b"] = jax.random.uniform(next(keys), (n_out,), dtype, -1 / np.sqrt(n), 1 / np.sqrt(n))
-
-    def f(p, x):
-        x = x - 0.5
-        for i, (o, k, s, pad) in enumerate(convs):
-            x = acts[i](jax.lax.conv_general_dilated(x, p[f"conv{i}"], (s, s), ((pad, pad), (pad, pad)),
-                                                     dimension_numbers=DN))
-        x = x.reshape(x.shape[0], -1) @ p["head"]
-        if head_bias:
-            x = x + p["head_b"]
-        return acts[-1](x)
-
-    return jaxinv.from_fn(f, p, input_shape=(size, size, 3))
-
+from jaxinv.engine import LayerSystem, relu_active
 
 ident = lambda z: z  # noqa: E731
 leaky = lambda z: jax.nn.leaky_relu(z, 0.2)  # noqa: E731
@@ -45,7 +16,7 @@ DETERMINED = [(6, 3, 1, 0)]  # 3 -> 6 channels, stride 1: forward rows 6*14*14 >
 
 
 def test_determined_float32_reconstructs_photo():
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     x = photo("astronaut")
     g = jaxinv.client_gradient(model, x, jnp.array([2]))
     rec = jaxinv.copa(model, g, label=2)
@@ -58,7 +29,7 @@ def test_determined_float32_reconstructs_photo():
 
 
 def test_determined_float64_is_exact(x64):
-    model = make([(6, 3, 1, 0), (8, 3, 1, 1)], [jnp.tanh, leaky, ident], dtype=jnp.float64)
+    model = plain_cnn([(6, 3, 1, 0), (8, 3, 1, 1)], [jnp.tanh, leaky, ident], dtype=jnp.float64)
     x = photo("chelsea").astype(np.float64)
     g = jaxinv.client_gradient(model, x, jnp.array([4]))
     rec = jaxinv.copa(model, g)
@@ -70,7 +41,7 @@ def test_determined_float64_is_exact(x64):
 
 
 def test_label_recovered_and_reported():
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     x = photo("coffee")
     for y in (0, 3):
         g = jaxinv.client_gradient(model, x, jnp.array([y]))
@@ -80,7 +51,7 @@ def test_label_recovered_and_reported():
 
 def test_bias_free_logistic_head_rgap_trick():
     # R-GAP's setting: no biases, leaky ReLU 0.2, one output with the logistic loss
-    model = make(DETERMINED, [leaky, ident], n_out=1, head_bias=False)
+    model = plain_cnn(DETERMINED, [leaky, ident], classes=1, head_bias=False)
     x = photo("rocket")
     g = jaxinv.client_gradient(model, x, jnp.array([1]))
     rec = jaxinv.copa(model, g, label=1)
@@ -90,7 +61,7 @@ def test_bias_free_logistic_head_rgap_trick():
 
 
 def test_bias_free_multiclass_head():
-    model = make(DETERMINED, [jnp.tanh, ident], n_out=6, head_bias=False)
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident], classes=6, head_bias=False)
     x = photo("astronaut")
     g = jaxinv.client_gradient(model, x, jnp.array([5]))
     rec = jaxinv.copa(model, g)
@@ -100,7 +71,7 @@ def test_bias_free_multiclass_head():
 
 def test_underdetermined_layer_gives_min_norm_solution(x64):
     # stride-2 conv to one channel: 768 unknowns, 49 forward rows, 27 gradient rows
-    model = make([(1, 3, 2, 0)], [jnp.tanh, ident], dtype=jnp.float64)
+    model = plain_cnn([(1, 3, 2, 0)], [jnp.tanh, ident], dtype=jnp.float64)
     x = photo("astronaut").astype(np.float64)
     g = jaxinv.client_gradient(model, x, jnp.array([1]))
     rec = jaxinv.copa(model, g, label=1, max_steps=5000)
@@ -128,11 +99,11 @@ def test_underdetermined_layer_gives_min_norm_solution(x64):
 
 
 def test_stacked_targets_equal_python_loop():
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     xs = np.concatenate([photo(n) for n in ("astronaut", "chelsea", "coffee")])
     ys = jnp.array([0, 3, 1])
     gs = [jaxinv.client_gradient(model, xs[i:i + 1], ys[i:i + 1]) for i in range(3)]
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *gs)
+    stacked = stack_trees(gs)
     rec = jaxinv.copa(model, stacked, label=ys)
     assert rec.image.shape == (3, 16, 16, 3) and rec.label.shape == (3,)
     assert rec.layers[0].steps.shape == (3,)
@@ -152,7 +123,7 @@ def test_stacked_targets_equal_python_loop():
 
 
 def test_jit_equals_eager():
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     x = photo("chelsea")
     g = jaxinv.client_gradient(model, x, jnp.array([2]))
     eager = jaxinv.copa(model, g, label=2)
@@ -162,7 +133,7 @@ def test_jit_equals_eager():
 
 
 def test_relu_network_uses_active_units():
-    model = make([(8, 3, 1, 1)], [jax.nn.relu, ident], key=3)
+    model = plain_cnn([(8, 3, 1, 1)], [jax.nn.relu, ident], seed=3)
     x = photo("astronaut")
     g = jaxinv.client_gradient(model, x, jnp.array([0]))
     rec = jaxinv.copa(model, g, label=0)
@@ -175,7 +146,7 @@ def test_two_relu_layers_read_the_active_set_above_noise():
     """Two wide ReLU layers, each determined on its active rows: the lower layer's active set is read from the
     upper layer's reconstruction, whose inactive units come back as solver noise around 0 (read as active, they
     would be wrong equations)."""
-    model = make([(12, 3, 1, 1), (16, 3, 1, 1)], [jax.nn.relu, jax.nn.relu, ident], key=4)
+    model = plain_cnn([(12, 3, 1, 1), (16, 3, 1, 1)], [jax.nn.relu, jax.nn.relu, ident], seed=4)
     x = photo("chelsea")
     g = jaxinv.client_gradient(model, x, jnp.array([1]))
     rec = jaxinv.copa(model, g, label=1)
@@ -184,14 +155,12 @@ def test_two_relu_layers_read_the_active_set_above_noise():
 
 
 def test_relu_active_zeroes_only_noise():
-    from jaxinv.engine import relu_active
-
     x = jnp.array([2.0, 1e-3, 3e-9, -4e-9, 0.0, -1.0], jnp.float32)
     np.testing.assert_allclose(relu_active(x), [2.0, 1e-3, 0.0, 0.0, 0.0, 0.0], rtol=1e-6, atol=0)
 
 
 def test_clipping_is_counted():
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     x = photo("astronaut")
     g = jaxinv.client_gradient(model, x, jnp.array([2]))
     # a corrupted head gradient puts the recovered tanh outputs outside (-1, 1)
@@ -203,7 +172,7 @@ def test_clipping_is_counted():
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_grads_structure_names_path():
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     g = jaxinv.client_gradient(model, photo(), jnp.array([1]))
     bad = dict(g)
     bad.pop("head_b")
@@ -216,7 +185,7 @@ def test_bad_grads_structure_names_path():
 
 
 def test_nonfinite_grads_rejected():
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     g = jaxinv.client_gradient(model, photo(), jnp.array([1]))
     g = dict(g)
     g["conv0"] = g["conv0"].at[0, 0, 0, 0].set(jnp.nan)
@@ -225,7 +194,7 @@ def test_nonfinite_grads_rejected():
 
 
 def test_label_out_of_range():
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     g = jaxinv.client_gradient(model, photo(), jnp.array([1]))
     with pytest.raises(ValueError, match="out of range"):
         jaxinv.copa(model, g, label=7)
@@ -234,7 +203,7 @@ def test_label_out_of_range():
 
 
 def test_input_shape_inconsistent():
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     g = jaxinv.client_gradient(model, photo(), jnp.array([1]))
     with pytest.raises(ValueError, match="input_shape"):
         jaxinv.copa(model, g, input_shape=(20, 20, 3))
@@ -254,7 +223,7 @@ def test_head_with_shared_bias_not_invertible():
 
 
 def test_non_invertible_activation_named():
-    model = make(DETERMINED, [jax.nn.gelu, ident])
+    model = plain_cnn(DETERMINED, [jax.nn.gelu, ident])
     g = jaxinv.client_gradient(model, photo(), jnp.array([1]))
     with pytest.raises(ValueError, match="conv0.*gelu"):
         jaxinv.copa(model, g, label=1)
@@ -263,7 +232,7 @@ def test_non_invertible_activation_named():
 def test_no_recompilation_when_only_the_data_changes():
     """A second reconstruction with new images and labels (same shapes) compiles nothing: every layer's solve is
     cached by its shapes and the model's structure (counted with jax.monitoring's compile events)."""
-    model = make(DETERMINED, [jnp.tanh, ident])
+    model = plain_cnn(DETERMINED, [jnp.tanh, ident])
     compiles = []
 
     def listener(name, secs, **kw):
@@ -275,7 +244,7 @@ def test_no_recompilation_when_only_the_data_changes():
         def run(names, ys):
             xs = np.concatenate([photo(n) for n in names])
             gs = [jaxinv.client_gradient(model, xs[i:i + 1], jnp.array(ys[i:i + 1])) for i in range(len(ys))]
-            stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *gs)
+            stacked = stack_trees(gs)
             n0 = len(compiles)
             rec = jaxinv.copa(model, stacked, label=jnp.array(ys))
             jax.block_until_ready(rec.image)

@@ -4,12 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import photo, psnr, zoo_model
 
 import jaxinv
 from jaxinv import defences as D
-from jaxinv import zoo
-
-from conftest import photo, psnr
 
 
 def _grads(key=0, n=20000):
@@ -123,8 +121,7 @@ def test_chain_jit_vmap():
 
 
 def test_copa_psnr_falls_with_the_noise_level():
-    module, variables = zoo.build("cnn2_c1", key=jax.random.key(0))
-    model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
+    model = zoo_model("cnn2_c1")
     x = jnp.asarray(photo("chelsea", 32))
     g = jaxinv.client_gradient(model, x, jnp.array([3]))
     out = []
@@ -137,8 +134,7 @@ def test_copa_psnr_falls_with_the_noise_level():
 @pytest.mark.slow
 def test_security_under_a_defence_predicts_the_attack():
     """The score under a defence tracks COPA's measured PSNR on real photos (predicted from synthetic probes)."""
-    module, variables = zoo.build("cnn2_c1", key=jax.random.key(0))
-    model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
+    model = zoo_model("cnn2_c1")
     x = jnp.concatenate([jnp.asarray(photo(n, 32)) for n in ("chelsea", "coffee")])
     y = jnp.array([3, 7])
     g = jax.vmap(lambda a, b: jaxinv.client_gradient(model, a[None], b[None]))(x, y)

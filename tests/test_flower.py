@@ -6,8 +6,12 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
+from helpers import zoo_model
+
+import jaxinv
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -96,9 +100,7 @@ def test_flower_simulation_audits_every_client_every_round(tmp_path):
 
 def test_arrays_round_trip_and_errors():
     pytest.importorskip("flwr")
-    import jax
-
-    from jaxinv.flower import arrays_to_params, params_to_arrays
+    from jaxinv.flower import arrays_to_params, params_to_arrays  # needs flwr
 
     params = {"a": {"kernel": np.ones((2, 3), np.float32)}, "b": np.zeros(4, np.float32)}
     back = arrays_to_params(params_to_arrays(params), params)
@@ -112,15 +114,11 @@ def test_arrays_round_trip_and_errors():
 def test_audit_strategy_takes_the_client_setting(tmp_path):
     """``client=jaxinv.Client(...)`` or its fields as keywords, validated once; the attacks assume the setting."""
     pytest.importorskip("flwr")
-    import jax
     from flwr.server.strategy import FedAvg
 
-    import jaxinv
-    from jaxinv import zoo
-    from jaxinv.flower import AuditStrategy
+    from jaxinv.flower import AuditStrategy  # needs flwr
 
-    module, variables = zoo.build("fcn3", key=jax.random.key(0))
-    model = jaxinv.from_linen(module, variables, input_shape=zoo.input_shape("fcn3"))
+    model = zoo_model("fcn3")
     kw = dict(out_dir=tmp_path, key=jax.random.key(0))
     s = AuditStrategy(FedAvg(), model, local_steps=2, local_lr=0.1, **kw)
     assert s.client == jaxinv.Client(local_steps=2, local_lr=0.1) and (s.local_steps, s.local_lr) == (2, 0.1)

@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import photo, psnr
+from helpers import photo, psnr, tiny_cnn
 
 import jaxinv
-from jaxinv import zoo
 from jaxinv.attacks import HybridOptions, hybrid, hybrid_down, suffix_gradient, suffix_leaves
 
 STEPS = (300, 100, 50)
@@ -16,9 +15,7 @@ STEPS = (300, 100, 50)
 @pytest.fixture(scope="module")
 def case():
     """16x16, stride-2 conv to 4 channels (768 unknowns, 196 + 64 rows: underdetermined) with a real photo."""
-    net = zoo.make_cnn([(4, 4, 2, 0)], ["tanh", "identity"], num_classes=5)
-    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
-    model = jaxinv.from_linen(net, variables, input_shape=(16, 16, 3))
+    model = tiny_cnn([(4, 4, 2, 0)], ["tanh", "identity"], classes=5)
     x = photo("astronaut")
     g = jaxinv.client_gradient(model, x, jnp.array([1]))
     return model, x, g

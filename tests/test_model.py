@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import init_model
 
 import jaxinv
 
@@ -60,8 +61,7 @@ SHAPE = (8, 8, 3)
 
 
 def all_models():
-    m = Linen()
-    lin = jaxinv.from_linen(m, m.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE)), input_shape=SHAPE)
+    lin = init_model(Linen(), SHAPE)
     nx = jaxinv.from_nnx(NNX(nnx.Rngs(0)), input_shape=SHAPE)
     fn = jaxinv.from_fn(plain_apply, plain_params(jax.random.PRNGKey(1)), input_shape=SHAPE)
     return lin, nx, fn

@@ -5,25 +5,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import photo, psnr
+from helpers import photo, psnr, tiny_cnn
 
 import jaxinv
-from jaxinv import zoo
-from jaxinv.engine import LayerSystem, Pullback, Term, adam_refine, compose, layer_system, pullback_layer, relu_inactive
+from jaxinv.engine import (
+    LayerSystem,
+    Pullback,
+    Solver,
+    Term,
+    adam_refine,
+    compose,
+    down_step,
+    head_step,
+    layer_system,
+    pullback_layer,
+    relu_inactive,
+    solve_layer,
+)
 
 FAST = Pullback(steps=300)
-
-
-def tiny(convs, acts, key=0, size=16, n_out=5):
-    net = zoo.make_cnn(convs, acts, num_classes=n_out)
-    variables = net.init(jax.random.PRNGKey(key), jnp.zeros((1, size, size, 3)))
-    return jaxinv.from_linen(net, variables, input_shape=(size, size, 3))
 
 
 @pytest.fixture(scope="module")
 def under():
     """16x16, one stride-2 conv to 4 channels: 768 unknowns, 196 forward + 64 gradient rows (underdetermined)."""
-    model = tiny([(4, 4, 2, 0)], ["tanh", "identity"])
+    model = tiny_cnn([(4, 4, 2, 0)], ["tanh", "identity"])
     x = photo("astronaut")
     g = jaxinv.client_gradient(model, x, jnp.array([1]))
     return model, x, g
@@ -46,7 +52,7 @@ def test_pullback_improves_underdetermined_photo(under):
 
 def test_box_and_activation_image_hold_at_the_end():
     # two hidden layers: the middle one's output is a sigmoid, the first one's a tanh
-    model = tiny([(3, 3, 2, 0), (2, 3, 1, 0)], ["tanh", "sigmoid", "identity"], key=2)
+    model = tiny_cnn([(3, 3, 2, 0), (2, 3, 1, 0)], ["tanh", "sigmoid", "identity"], seed=2)
     x = photo("chelsea")
     g = jaxinv.client_gradient(model, x, jnp.array([3]))
     rec = jaxinv.copa(model, g, label=3, pullback=Pullback(steps=200, box=(0.1, 0.9)))
@@ -56,8 +62,6 @@ def test_box_and_activation_image_hold_at_the_end():
     for r in rec.layers[:-1]:
         assert int(r.clipped) == 0
     # the refined hidden solution itself, through the engine's step
-    from jaxinv.engine import Solver, down_step, head_step
-
     st = model.structure()
     gl = jax.tree_util.tree_leaves(g)
     xh, gx, _, _ = head_step(model, st, gl, jnp.asarray(3), Solver(), "cross_entropy")
@@ -67,7 +71,7 @@ def test_box_and_activation_image_hold_at_the_end():
 
 def test_determined_layer_keeps_its_exact_solution():
     """On a determined layer the priors must not blur the exact answer (the exactness correction)."""
-    model = tiny([(6, 3, 1, 0)], ["relu", "identity"], key=1)  # 768 unknowns, ~590 active + 162 gradient rows
+    model = tiny_cnn([(6, 3, 1, 0)], ["relu", "identity"], seed=1)  # 768 unknowns, ~590 active + 162 gradient rows
     x = photo("rocket")
     g = jaxinv.client_gradient(model, x, jnp.array([0]))
     plain = jaxinv.copa(model, g, label=0)
@@ -121,7 +125,7 @@ def test_terms_compose_by_weighted_sum():
 
 def test_relu_inequality_rows():
     """Inactive ReLU units give A x + c <= 0: the hinge is zero at the truth, and the refinement enforces it."""
-    model = tiny([(2, 3, 2, 0), (3, 3, 1, 0)], ["tanh", "relu", "identity"], key=5)
+    model = tiny_cnn([(2, 3, 2, 0), (3, 3, 1, 0)], ["tanh", "relu", "identity"], seed=5)
     x = photo("coffee")
     leaves = jax.tree_util.tree_leaves(model.params)
     stages = model.structure().stages
@@ -140,8 +144,6 @@ def test_relu_inequality_rows():
     assert float(term.penalty({"x": -h0})) > 0.0
     # end to end: from a start that violates them, the refinement enforces the inactive units' inequalities
     gW = gl[stages[1].nodes.kernel_leaf]
-    from jaxinv.engine import Solver, solve_layer
-
     x_lsq = solve_layer(sys, x1, gW, Solver(), mask=mask).x
     start = x_lsq + 0.2 * jax.random.normal(jax.random.PRNGKey(0), x_lsq.shape)
     viol = lambda v: float(jnp.sum(jnp.maximum(sys.forward(v) + sys.forward_offset, 0) * (1 - mask)))  # noqa: E731

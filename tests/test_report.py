@@ -16,11 +16,11 @@ import zlib
 import jax
 import numpy as np
 import pytest
+from helpers import leaking_layer, load_target
 from skimage import io as skio
 
 import jaxinv
 from jaxinv import data, report
-from jaxinv._audit import leaking_layer, load_target
 
 REQUIRE_BROWSER = os.environ.get("JAXINV_REQUIRE_BROWSER") == "1"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

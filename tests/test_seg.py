@@ -1,21 +1,21 @@
 """Segmentation models: mask labels, the per-pixel loss, the head of a dense-prediction network, and the zoo's
-FCN / U-Net (jaxinv.engine._seg)."""
+FCN / U-Net."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from helpers import init_model, psnr, zoo_model
 
 import jaxinv
 from jaxinv import data, zoo
 from jaxinv.engine import LayerSystem
-from conftest import psnr
 
 
 @pytest.fixture(scope="module")
 def fcn():
-    module, variables = zoo.build("fcn_seg", key=jax.random.key(0))
-    return jaxinv.from_linen(module, variables, input_shape=(32, 32, 3), name="fcn_seg")
+    return zoo_model("fcn_seg", (32, 32, 3))
 
 
 def test_fcn_head_is_inverted_from_the_mask_and_the_image_recovered(fcn):
@@ -38,7 +38,6 @@ def test_per_pixel_loss_matches_optax_and_the_gradient_is_its_mean(fcn):
     logits = fcn(x)
     assert logits.shape == (1, 32, 32, 21)
     lf = jaxinv.engine.loss_fn("cross_entropy", 21)
-    import optax
     want = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, m))
     np.testing.assert_allclose(lf(logits, m), want, rtol=1e-6)
     # two images: the batch gradient is the mean of the per-image gradients (mean over batch and pixels)
@@ -67,9 +66,7 @@ def test_mask_errors_name_the_argument_and_the_shape(fcn):
 
 def test_upsampling_head_operator_against_the_dense_matrix():
     """The head's operator includes the bilinear upsampling: mv and transpose equal the dense Jacobian's."""
-    module = zoo.FCNSeg(channels=(4,), num_classes=3)
-    variables = module.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
-    model = jaxinv.from_linen(module, variables, input_shape=(8, 8, 3))
+    model = init_model(zoo.FCNSeg(channels=(4,), num_classes=3), (8, 8, 3), seed=1)
     st = model.structure().stages[-1]
     assert st.layer.out_shape == (8, 8, 3) and st.layer.in_shape == (4, 4, 4)
     leaves = jax.tree_util.tree_leaves(model.params)
@@ -84,8 +81,7 @@ def test_upsampling_head_operator_against_the_dense_matrix():
 
 
 def test_unet_skip_connection_is_one_block_and_ig_attacks_it():
-    module, variables = zoo.build("unet_seg", key=jax.random.key(0), input_shape=(16, 16, 3))
-    model = jaxinv.from_linen(module, variables, input_shape=(16, 16, 3))
+    model = zoo_model("unet_seg", (16, 16, 3))
     # encoder conv, then the skip: [u; up(conv(down(u)))] joined by a concatenation, then decoder and head
     assert [l.kind for l in model.layers()] == ["conv", "block", "conv", "conv"]
     assert model.layers()[1].out_shape == (16, 16, 48)
@@ -94,15 +90,13 @@ def test_unet_skip_connection_is_one_block_and_ig_attacks_it():
     g = jaxinv.client_gradient(model, x, m)
     rec = jaxinv.attack("ig", model, g, label=m, key=jax.random.key(0), max_steps=150, restarts=1)
     assert rec.image.shape == (1, 16, 16, 3) and rec.label.shape == (1, 16, 16)
-    start = jaxinv.attacks._objectives.random_image(jax.random.split(jax.random.key(0), 1)[0], (1, 16, 16, 3),
-                                                   (0.0, 1.0), jnp.float32)
+    # IG's random start (restarts=1: the first of one split key), uniform in the box [0, 1]
+    start = jax.random.uniform(jax.random.split(jax.random.key(0), 1)[0], (1, 16, 16, 3), jnp.float32, 0.0, 1.0)
     assert psnr(rec.image, x) > psnr(start, x) + 3.0
 
 
 def test_security_of_a_segmentation_model():
-    module = zoo.FCNSeg(channels=(8, 16), num_classes=5)
-    variables = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    model = jaxinv.from_linen(module, variables, input_shape=(16, 16, 3))
+    model = init_model(zoo.FCNSeg(channels=(8, 16), num_classes=5), (16, 16, 3))
     rep = jaxinv.security(model, key=jax.random.key(0), probes=2)
     assert rep.label == -1 and rep.layers[-1].role == "head" and len(rep.layers) == 3
     assert np.isfinite(rep.score)

@@ -8,9 +8,10 @@ import textwrap
 
 import jax
 import pytest
+from helpers import zoo_model
 
 import jaxinv
-from jaxinv import data, zoo
+from jaxinv import data
 
 
 def _noise(grads, key):
@@ -23,8 +24,7 @@ def _noise(grads, key):
 
 @pytest.fixture(scope="module")
 def fcn():
-    module, variables = zoo.build("fcn3", key=jax.random.key(1))
-    return jaxinv.from_linen(module, variables, input_shape=zoo.input_shape("fcn3"), name="fcn3")
+    return zoo_model("fcn3", seed=1)
 
 
 def _grid(fcn, out, **kw):

@@ -358,13 +358,22 @@ def audit(
 
     Example:
         >>> from jaxinv import data, zoo
-        >>> module, variables = zoo.build("cnn3_c1", key=jax.random.key(0))
-        >>> model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
-        >>> x = data.sample_images(4, key=jax.random.key(1))
-        >>> res = jaxinv.audit(model, x, attacks=("copa", "ig"), key=jax.random.key(2),
-        ...                    attack_options={"ig": {"max_steps": 200}})
-        >>> print(res.table())
-        >>> res.save("report")  # report.html, metrics.json, PNGs
+        >>> module, variables = zoo.build("cnn2_c1", key=jax.random.key(0), input_shape=(16, 16, 3))
+        >>> model = jaxinv.from_linen(module, variables, input_shape=(16, 16, 3), name="cnn2_c1")
+        >>> x = data.sample_images(2, size=16, key=jax.random.key(1))
+        >>> res = jaxinv.audit(model, x, attacks=("copa", "rgap"), key=jax.random.key(2),
+        ...                    attack_options={"rgap": {"max_steps": 500}})
+        >>> res.security.verdict.split(":")[0], bool(res["copa"].psnr.min() > 60)
+        ('LEAKS', True)
+        >>> print(res.table())  # doctest: +ELLIPSIS
+        audit of 'cnn2_c1': 2 image(s) (16, 16, 3) from ?, float32
+        ...
+        attack    PSNR dB   SSIM labels grad dist     sec  notes
+        ...
+        copa ...
+        rgap ...
+        >>> sorted(res.save("report"))  # report/: report.html, metrics.json, PNGs
+        ['copa', 'html', 'json', 'rgap', 'truth']
     """
     t0 = time.perf_counter()
     if not isinstance(model, Model):

@@ -333,9 +333,15 @@ def sweep(
             any run); ImportError: ``backend="ray"`` without Ray installed (``pip install 'jaxinv[ray]'``).
 
     Example:
-        >>> rows = jaxinv.sweep(["cnn2_c1", "cnn3_c1"], 8, attacks=("copa", "hybrid"), out="sweep.jsonl",
+        >>> rows = jaxinv.sweep({"tiny": model}, images[:2], attacks=("copa",), out="sweep.jsonl",
         ...                     key=jax.random.key(0))
-        >>> import pandas as pd; pd.read_json("sweep.jsonl", lines=True).groupby(["model", "attack"]).psnr.mean()
+        >>> [(r["kind"], r["attack"], r["image"]) for r in rows]  # model "tiny", defence "none"
+        [('security', '', -1), ('attack', 'copa', 0), ('attack', 'copa', 1)]
+        >>> all(r["psnr"] > 60 and r["label"] == r["label_recovered"] for r in rows[1:])
+        True
+
+        The rows are also in ``sweep.jsonl``; with pandas, ``pd.read_json("sweep.jsonl", lines=True)
+        .groupby(["model", "defence", "attack"]).psnr.mean()`` tabulates a grid.
     """
     run = merge_options(execution, Execution, kwargs, "sweep")
     no_more_keywords(kwargs, "sweep", "its own and the fields of jaxinv.Execution (backend, chunk, resources, resume)")
