@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
+from ._checks import positive_int
 from ._gradient import check_labels, loss_fn
 from ._model import Model
 
 
 def check_steps_lr(steps, lr, where: str) -> tuple[int, float]:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"{where}: steps must be a positive integer (the client's local SGD steps K), got {steps!r}")
+    steps = positive_int(steps, "steps", where, what="the client's local SGD steps K")
     if lr is None:
         raise ValueError(f"{where}: the client's learning rate lr (local_lr) is required with {steps} local steps")
     try:

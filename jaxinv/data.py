@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import numbers
 import os
 import re
 from collections.abc import Callable
@@ -36,6 +35,8 @@ import skimage.io
 import skimage.transform
 import skimage.util
 from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._checks import check_key, positive_int
 
 __all__ = ["fit_images", "load_folder", "load_photo", "load_tfds", "photo_names", "sample_images", "segmentation_masks"]
 
@@ -58,21 +59,6 @@ _CROP_MIN, _CROP_MAX = 0.3, 0.8
 # --------------------------------------------------------------------------- #
 # Helpers
 # --------------------------------------------------------------------------- #
-
-
-def _check_int(value: Any, what: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}; got {value!r}.")
-    return int(value)
-
-
-def _check_key(key: Any) -> None:
-    ok = isinstance(key, jax.Array) and (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (key.dtype == jnp.uint32 and key.shape == (2,))
-    )
-    if not ok:
-        raise TypeError(f"key must be a JAX PRNG key such as jax.random.key(0); got {key!r}.")
 
 
 def _as_float_image(image: np.ndarray, where: str) -> np.ndarray:
@@ -175,7 +161,7 @@ def load_photo(name: str, *, size: int = 32) -> Float[Array, "size size 3"]:
         ValueError: unknown name (the message lists the names) or bad size.
     """
     _check_name(name)
-    size = _check_int(size, "size")
+    size = positive_int(size, "size")
     return jnp.asarray(_thumbnail(name, size))
 
 
@@ -201,9 +187,9 @@ def sample_images(n: int, *, size: int = 32, key: PRNGKeyArray) -> Float[Array, 
         ValueError: ``n`` or ``size`` not a positive integer.
         TypeError: ``key`` is not a PRNG key.
     """
-    n = _check_int(n, "n")
-    size = _check_int(size, "size")
-    _check_key(key)
+    n = positive_int(n, "n")
+    size = positive_int(size, "size")
+    check_key(key, required=True)
     names = photo_names()
     order_key, crop_key = jax.random.split(key)
     order = np.asarray(jax.random.permutation(order_key, len(names)))
@@ -263,7 +249,7 @@ def segmentation_masks(images: Float[Array, "n h w c"], *, classes: int = 4, sig
     """
     from skimage.filters import gaussian
 
-    classes = _check_int(classes, "classes", minimum=2)
+    classes = positive_int(classes, "classes", minimum=2)
     if num_classes is not None and classes > int(num_classes):
         raise ValueError(f"classes={classes} exceeds the model's num_classes={num_classes}: masks would hold labels "
                          f"out of range; pass classes <= {num_classes}")
@@ -303,7 +289,7 @@ def load_folder(
         NotADirectoryError: ``path`` is a file.
         ValueError: no images in the folder, fewer than ``n``, or bad ``size``/``n``.
     """
-    size = _check_int(size, "size")
+    size = positive_int(size, "size")
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(
@@ -323,7 +309,7 @@ def load_folder(
             "pass another folder."
         )
     if n is not None:
-        n = _check_int(n, "n")
+        n = positive_int(n, "n")
         if n > len(files):
             raise ValueError(
                 f"load_folder: n={n} but {str(folder)!r} holds only {len(files)} images; "
@@ -406,8 +392,8 @@ def load_tfds(
         >>> x.shape, y.shape  # doctest: +SKIP
         ((8, 32, 32, 3), (8,))
     """
-    n = _check_int(n, "n")
-    size = _check_int(size, "size")
+    n = positive_int(n, "n")
+    size = positive_int(size, "size")
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray, PyTree
 
+from ._checks import positive_int
+
 __all__ = ["Defence", "cast", "chain", "clip", "dp_epsilon", "dp_sgd", "gaussian", "identity", "laplacian", "prune",
            "quantize", "sign"]
 
@@ -172,8 +174,7 @@ def dp_epsilon(noise_multiplier: float, *, steps: int, sampling_rate: float, del
         ValueError: arguments out of range.
     """
     z = _positive(noise_multiplier, "noise_multiplier")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = positive_int(steps, "steps", what="accountant steps")
     q = _positive(sampling_rate, "sampling_rate")
     if q > 1:
         raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
@@ -215,8 +216,7 @@ def quantize(bits: int, *, stochastic: bool = False) -> Defence:
     r"""Uniform quantisation to :math:`2^{b-1}-1` levels per sign on :math:`[-m, m]`, :math:`m = \max|g|` per tensor:
     :math:`\tilde g = m\,\mathrm{round}(g (2^{b-1}-1)/m) / (2^{b-1}-1)` (``stochastic``: unbiased random rounding,
     needs a key). ``bits >= 2``; one bit is :func:`sign`."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 2:
-        raise ValueError(f"bits must be an integer >= 2 (use jaxinv.defences.sign() for one bit), got {bits!r}")
+    bits = positive_int(bits, "bits", minimum=2, what="use jaxinv.defences.sign() for one bit")
     levels = 2 ** (bits - 1) - 1
 
     def fn(grads, key):

@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,6 +58,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._checks import positive_int
 
 __all__ = [
     "FCNSeg",
@@ -248,12 +249,6 @@ class ZooNet(nn.Module):
         return x
 
 
-def _positive_int(value: Any, what: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}; got {value!r}.")
-    return int(value)
-
-
 def make_cnn(
     convs: Sequence[tuple[int, int, int, int]],
     activations: Sequence[str],
@@ -299,10 +294,10 @@ def make_cnn(
         out_channels, kernel, stride, padding = conv
         conv_tuples.append(
             (
-                _positive_int(out_channels, f"convs[{i}] out_channels"),
-                _positive_int(kernel, f"convs[{i}] kernel"),
-                _positive_int(stride, f"convs[{i}] stride"),
-                _positive_int(padding, f"convs[{i}] padding", minimum=0),
+                positive_int(out_channels, f"convs[{i}] out_channels"),
+                positive_int(kernel, f"convs[{i}] kernel"),
+                positive_int(stride, f"convs[{i}] stride"),
+                positive_int(padding, f"convs[{i}] padding", minimum=0),
             )
         )
     if isinstance(activations, str):
@@ -319,7 +314,7 @@ def make_cnn(
     return ZooNet(
         convs=tuple(conv_tuples),
         activations=acts,
-        num_classes=_positive_int(num_classes, "num_classes"),
+        num_classes=positive_int(num_classes, "num_classes"),
         conv_bias=bool(conv_bias),
         head_bias=bool(head_bias),
         shift=float(shift),
