@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._results import STATUS_MESSAGES
-from .._security import SecurityReport
+from .._security import SecurityReport, blamed_layer
 from .._version import __version__
 from ._report import save
 
@@ -162,16 +162,11 @@ def leaking_layer(report: SecurityReport) -> LeakingLayer:
     """
     layers = report.layers
     hidden = layers[:-1]
-
-    def lost(r):
-        return r.lost_energy if math.isfinite(r.lost_energy) else r.deficiency / max(r.unknowns, 1)
-
-    defic = [r for r in hidden if r.deficiency > 0]
-    if defic:
-        w = max(defic, key=lambda r: (lost(r), -r.index))
+    w = blamed_layer(layers)
+    if w is not None:
         text = (f"{w.path} is where the layer-wise inversion breaks: {w.deficiency} of the {w.unknowns} directions "
                 f"of its input are invisible to the gradient (rank {w.rank}); a typical input keeps "
-                f"{100 * lost(w):.0f}% of its energy there"
+                f"{100 * w.lost_fraction:.0f}% of its energy there"
                 + ("; the layers below receive corrupted targets" if w.index > 0 else ""))
         return LeakingLayer(w.path, w.index, False, text)
     r0 = hidden[0] if hidden else layers[-1]

@@ -14,7 +14,7 @@ from ._defended import batch_psnr, noise_propagation
 from ._layer_maps import LayerMaps
 from ._pass import natural_probes
 from ._rank import RANK_TOL
-from ._report import Advice, LayerSecurity, RGapLayer, SecurityReport
+from ._report import Advice, LayerSecurity, RGapLayer, SecurityReport, blamed_layer
 from ._score import LEAK_DB, SAFE_DB, SCORE_CONSTANTS, predict_psnr
 from ._security import security
 
@@ -29,6 +29,7 @@ __all__ = [
     "RGapLayer",
     "SecurityReport",
     "batch_psnr",
+    "blamed_layer",
     "copa_index",
     "count_conv_rank",
     "natural_probes",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ._counting import copa_index, count_conv_rank
-from ._report import Advice, LayerSecurity
+from ._report import Advice, LayerSecurity, blamed_layer
 
 
 def _conv_specs(layers) -> list[dict | None]:
@@ -56,8 +56,8 @@ def advise(layers: tuple[LayerSecurity, ...], traced, score: float) -> tuple[Adv
     hidden = layers[:-1]
     head = layers[-1]
     defic = [r for r in hidden if r.deficiency > 0]
+    worst = blamed_layer(layers)
     if defic:
-        worst = max(defic, key=lambda r: (r.lost_energy, -r.index))
         for r in defic:
             out.append(Advice(r.path, "none", (
                 f"{r.path} protects the input: {r.deficiency} of the {r.unknowns} directions of its input are "

@@ -86,6 +86,13 @@ class LayerSecurity:
         return self.rank - self.unknowns
 
     @property
+    def lost_fraction(self) -> float:
+        """:attr:`lost_energy` in ``[0, 1]``, or ``deficiency / unknowns`` when it was not estimated."""
+        if math.isfinite(self.lost_energy):
+            return min(max(self.lost_energy, 0.0), 1.0)
+        return self.deficiency / max(self.unknowns, 1)
+
+    @property
     def determined(self) -> bool:
         return self.deficiency == 0
 
@@ -227,3 +234,10 @@ class SecurityReport:
             "layers": [r.to_dict() for r in self.layers],
             "rgap_layers": [dataclasses.asdict(r) for r in self.rgap_layers],
         })
+
+
+def blamed_layer(layers: tuple[LayerSecurity, ...]) -> LayerSecurity | None:
+    """The rank-deficient layer below the head that loses the most of a typical input (ties: nearest the input),
+    where a layer-wise attack loses the input; ``None`` when every layer below the head is determined."""
+    defic = [r for r in layers[:-1] if r.deficiency > 0]
+    return max(defic, key=lambda r: (r.lost_fraction, -r.index)) if defic else None

@@ -45,14 +45,14 @@ def predict_psnr(layers: tuple[LayerSecurity, ...], image_energy: float = 0.25, 
     """
     c = dict(SCORE_CONSTANTS, **(constants or {}))
     h = layers[-1]
-    f = min(max(h.lost_energy, 0.0), 1.0) if math.isfinite(h.lost_energy) else h.deficiency / h.unknowns
+    f = h.lost_fraction
     e2 = f + (1.0 - f) * c["head"] ** 2  # a head that sees only part of its input (e.g. after global pooling)
     for i in reversed(range(len(layers) - 1)):
         r = layers[i]
         s = r.sigma_min if (math.isfinite(r.sigma_min) and r.sigma_min > 0) else 1.0
         u = e2 * min(r.inverse_gain, c["gain_cap"]) ** 2
         T = min(c["clip"], c["floor"] ** 2 * s ** (-2.0 * c["beta"]) + min(u, c["a"] * u ** c["gamma"]))
-        f = min(max(r.lost_energy, 0.0), 1.0) if math.isfinite(r.lost_energy) else r.deficiency / r.unknowns
+        f = r.lost_fraction
         e2 = f + (1.0 - f) * T
     return float(-10.0 * math.log10(max(e2 * image_energy, 1e-13)))
 
