@@ -9,7 +9,7 @@ import importlib
 
 from . import attacks, defences
 from ._activations import Activation
-from ._audit import AttackResult, AuditResult, Execution, LeakingLayer, audit, sweep
+from ._audit import AUDIT_DEFAULTS, AttackResult, AuditResult, Execution, LeakingLayer, audit, leaking_layer, sweep
 from ._client import Client
 from ._fedavg import local_update, update_as_gradient
 from ._gradient import client_gradient, num_labels
@@ -17,7 +17,7 @@ from ._labels import HeadNotInvertibleError, recover_label, recover_labels
 from ._model import Layer, Model, UnsupportedModelError, from_fn, from_linen, from_nnx
 from ._result import LayerReport, Reconstruction
 from ._results import RESULTS
-from ._security import LayerSecurity, SecurityReport, security
+from ._security import LayerMaps, LayerSecurity, SecurityReport, security
 from ._sharding import shard_targets, target_mesh
 from ._version import __version__
 from .attacks import ATTACKS, attack
@@ -27,6 +27,9 @@ from .engine import Pullback, Solver, copa
 _SUBMODULES = ("attacks", "cli", "data", "defences", "engine", "flower", "metrics", "report", "zoo")
 
 __all__ = [
+    "AUDIT_DEFAULTS",
+    "LayerMaps",
+    "leaking_layer",
     "ATTACKS",
     "attack",
     "audit",

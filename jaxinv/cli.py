@@ -153,7 +153,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-class _Progress:
+class Progress:
     """A one-line progress display on stderr, off when stderr is not a terminal or ``CI`` is set."""
 
     def __init__(self, enabled: bool | None = None, stream=None):
@@ -377,7 +377,7 @@ def audit_cmd(argv=None) -> int:
     with ctx():
         try:
             res = audit(model, images, labels=labels, attacks=attacks, key=jax.random.key(args.seed),
-                        attack_options=options, input_shape=shape, progress=_Progress(), source=source)
+                        attack_options=options, input_shape=shape, progress=Progress(), source=source)
         except (ValueError, TypeError) as e:  # option types, labels: say which
             raise _BadInput(str(e).splitlines()[0]) from None
     paths = res.save(args.out)
@@ -407,7 +407,7 @@ def attack_cmd(argv=None) -> int:
         raise _BadInput(f"NAME: unknown attack {args.name!r}; the registered attacks are: {', '.join(ATTACKS)}")
     options = merged_options((args.name,), _attack_options(args, (args.name,), qualified=False))[args.name]
     model, shape, images, labels, source, ctx = _prepare(args, "jaxinv attack")
-    progress = _Progress()
+    progress = Progress()
     key = jax.random.key(args.seed)
     with ctx():
         dtype = param_dtype(model)

@@ -3,10 +3,6 @@
 import jax
 import pytest
 
-# test_fedavg.py still imports these from here: switch it to ``from helpers import photo, psnr``, then delete this
-from helpers import photo, psnr  # noqa: F401
-
-
 @pytest.fixture
 def x64():
     """Run a test in float64 (restores the previous setting)."""
@@ -14,7 +10,6 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", prev)
-
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` first (stable order otherwise): with ``pytest -n 2`` the long ones start early and the

@@ -25,15 +25,8 @@ from skimage import data, transform
 import jaxinv
 from jaxinv import zoo
 
-# --------------------------------------------------------------------------------------- not yet public (lead)
-# The tests need these names, which jaxinv does not export publicly yet: the one place that reaches into private
-# modules. When they are exported (suggested homes in brackets), import them from there and delete these lines.
-from jaxinv._audit import AUDIT_DEFAULTS  # [jaxinv.AUDIT_DEFAULTS] the audit's per-attack budgets
-from jaxinv._audit import leaking_layer  # [jaxinv.leaking_layer] next to jaxinv.LeakingLayer
-from jaxinv._audit import load_target  # [jaxinv.cli.load_target] the CLI's MODEL argument
-from jaxinv._audit import step_options  # [jaxinv.cli.step_options] the CLI's --steps
-from jaxinv._security import LayerMaps  # [jaxinv.LayerMaps] the metric's batched per-layer maps
-from jaxinv.cli import _Progress as Progress  # [jaxinv.cli.Progress] the CLI's progress line
+from jaxinv import AUDIT_DEFAULTS, LayerMaps, leaking_layer
+from jaxinv.cli import Progress, load_target, step_options
 
 __all__ = [
     "AUDIT_DEFAULTS",

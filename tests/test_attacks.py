@@ -14,7 +14,7 @@ import pytest
 
 import jaxinv
 from jaxinv import Client, data, metrics, zoo
-from jaxinv._gradient import loss_fn
+from jaxinv.engine import loss_fn
 from jaxinv.attacks import (
     ATTACKS,
     DLGOptions,
@@ -36,6 +36,8 @@ from jaxinv.attacks import (
     soft_cross_entropy,
     total_variation,
 )
+
+from helpers import tiny_cnn
 
 SHAPE = (16, 16, 3)
 LABEL = 3
@@ -61,9 +63,8 @@ OPTIONS = {
 @functools.cache
 def tiny():
     """(model, image (1,16,16,3) in [0,1], grads of label 3)."""
-    net = zoo.make_cnn([(12, 5, 2, 2)], ["sigmoid", "identity"], num_classes=10, conv_bias=True)
-    variables = net.init(jax.random.key(0), jnp.zeros((1,) + SHAPE))
-    model = jaxinv.from_linen(net, variables, input_shape=SHAPE, name="tiny_sigmoid")
+    model = tiny_cnn([(12, 5, 2, 2)], ["sigmoid", "identity"], size=SHAPE[0], classes=10, conv_bias=True,
+                     name="tiny_sigmoid")
     x = data.sample_images(1, size=16, key=jax.random.key(1))
     grads = jaxinv.client_gradient(model, x, jnp.array([LABEL]))
     return model, x, grads

@@ -6,16 +6,14 @@ import numpy as np
 import pytest
 
 import jaxinv
-from jaxinv import zoo
 from jaxinv import attacks as obj
 
-from conftest import photo, psnr
+from helpers import photo, psnr, zoo_model
 
 
 @pytest.fixture(scope="module")
 def setup():
-    module, variables = zoo.build("cnn2_c1", key=jax.random.key(0))
-    model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
+    model = zoo_model("cnn2_c1")
     x = jnp.asarray(photo("chelsea", 32))
     return model, x, jnp.array([3])
 
@@ -112,8 +110,7 @@ def test_security_accounts_for_local_steps(setup):
 @pytest.mark.slow
 def test_weights_rounding_is_accounted_for_with_one_step():
     """Shared float32 weights: theta_0 - lr g keeps ~eps|theta| of the update, which CNN6's inversion amplifies."""
-    module, variables = zoo.build("cnn6_head10", key=jax.random.key(10))
-    model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
+    model = zoo_model("cnn6_head10", seed=10)
     weights = jaxinv.security(model, key=jax.random.key(1), probes=2, local_steps=1, local_lr=0.01)
     assert weights.defence == "fedavg(K=1, lr=0.01)"
     # the gradient itself gives CNN6's input away (> 90 dB, benchmarks/out/copa.md); its weights after one step do not

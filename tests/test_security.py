@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 
 import jaxinv
-import jaxinv._security as S
+from jaxinv import UnsupportedModelError, zoo
+from jaxinv.engine import LayerSystem, loss_fn
+# the metric's counting rules and score (and, monkeypatched, its certificate size limits) are internals
+from jaxinv._security import RANK_TOL, count_conv_rank, predict_psnr, rgap_analysis
 from jaxinv._security import _certificates as certificates
-from jaxinv import zoo
-from jaxinv._gradient import loss_fn
-from jaxinv._model import UnsupportedModelError
-from jaxinv._maps import LayerSystem
+
+from helpers import tiny_cnn
 
 
 def _tiny(convs=((4, 3, 1, 0),), acts=("tanh", "identity"), shape=(8, 8, 2), classes=3, seed=0, **kw):
-    module = zoo.make_cnn(convs, acts, num_classes=classes, **kw)
-    variables = module.init(jax.random.key(seed), jnp.zeros((1,) + shape))
-    return jaxinv.from_linen(module, variables, input_shape=shape)
+    return tiny_cnn(convs, acts, size=shape[0], channels=shape[2], classes=classes, seed=seed, **kw)
 
 
 def tiny_factory(key=None):
@@ -86,7 +85,7 @@ CASES = {
 def test_ranks_equal_dense_matrix_rank(case):
     model = _tiny(**CASES[case])
     key = jax.random.key(3)
-    rep = S.security(model, key=key)
+    rep = jaxinv.security(model, key=key)
     st, leaves, deltas = _deltas(model, key)
     assert len(rep.layers) == len(st.stages)
     for r, stage, delta in zip(rep.layers, st.stages, deltas):
@@ -106,7 +105,7 @@ def test_padding_rows_give_the_same_deficit():
     """The COPA convention (unknowns = padded input + identity rows on the pad) has the same rank deficit."""
     model = _tiny(convs=((2, 3, 2, 1),), acts=("tanh", "identity"), shape=(7, 7, 2))
     key = jax.random.key(1)
-    rep = S.security(model, key=key)
+    rep = jaxinv.security(model, key=key)
     st, leaves, deltas = _deltas(model, key)
     W = leaves[st.stages[0].nodes.kernel_leaf]
     delta = deltas[0]
@@ -133,7 +132,7 @@ def test_dense_layers_and_fcn():
                         conv_bias=False, hidden_bias=False, head_bias=False, shift=0.0)
     variables = module.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
     model = jaxinv.from_linen(module, variables, input_shape=(4, 4, 1))
-    rep = S.security(model, key=jax.random.key(0))
+    rep = jaxinv.security(model, key=jax.random.key(0))
     st, leaves, deltas = _deltas(model, jax.random.key(0))
     for r, stage, delta in zip(rep.layers, st.stages, deltas):
         A, B = _dense_system(stage, leaves, delta)
@@ -155,16 +154,16 @@ REFERENCE = [
 def test_copa_index_matches_reference(name, index, deficiencies):
     module, variables = zoo.build(name, key=jax.random.key(7))  # any init: the ranks are generic
     model = jaxinv.from_linen(module, variables, input_shape=zoo.input_shape(name))
-    rep = S.security(model, key=jax.random.key(11))
+    rep = jaxinv.security(model, key=jax.random.key(11))
     assert rep.copa_index == index
     assert [r.deficiency for r in rep.layers[:-1]] == deficiencies
     assert all(r.exact for r in rep.layers)
     # the rank decisions have a wide gap: accepted pivots far above, rejected ones below the tolerance
     for r in rep.layers:
-        assert r.gap[0] > 10 * S.RANK_TOL and r.gap[1] < S.RANK_TOL
+        assert r.gap[0] > 10 * RANK_TOL and r.gap[1] < RANK_TOL
     if name == "cnn6_d":  # R-GAP's own rank-deficient example: deficient in the input-side reading only
         assert rep.rgap_index < 0 and [r.deficit > 0 for r in rep.rgap_layers][1]
-        assert S.rgap_analysis(rep.layers, "output_side")[0] == 0
+        assert rgap_analysis(rep.layers, "output_side")[0] == 0
 
 
 REFERENCE_ALL = {
@@ -181,7 +180,7 @@ def test_counting_rules_give_every_reference_index():
         H, W, C = info.input_shape
         defs = []
         for layer in info.layers:
-            c = S.count_conv_rank((H, W), C, layer.out_channels, (layer.kernel, layer.kernel), (layer.stride,) * 2,
+            c = count_conv_rank((H, W), C, layer.out_channels, (layer.kernel, layer.kernel), (layer.stride,) * 2,
                                   ((layer.padding, layer.padding),) * 2)
             defs.append(c["deficiency"])
             (H, W), C = c["out_spatial"], layer.out_channels
@@ -191,51 +190,51 @@ def test_counting_rules_give_every_reference_index():
 
 def test_score_is_monotone_in_lost_energy_and_conditioning():
     model = _tiny(convs=((6, 3, 1, 0),), acts=("tanh", "identity"), shape=(8, 8, 2))
-    layers = S.security(model, key=jax.random.key(0)).layers
-    base = S.predict_psnr(layers)
+    layers = jaxinv.security(model, key=jax.random.key(0)).layers
+    base = predict_psnr(layers)
     lossy = (dataclasses.replace(layers[0], lost_energy=0.3),) + layers[1:]
     worse = (dataclasses.replace(layers[0], sigma_min=layers[0].sigma_min / 100),) + layers[1:]
-    assert S.predict_psnr(lossy) < base and S.predict_psnr(worse) < base
-    assert abs(S.predict_psnr(lossy) - (-10 * math.log10(0.3 * 0.25))) < 0.5  # input-layer loss dominates
+    assert predict_psnr(lossy) < base and predict_psnr(worse) < base
+    assert abs(predict_psnr(lossy) - (-10 * math.log10(0.3 * 0.25))) < 0.5  # input-layer loss dominates
 
 
 def test_counting_rules_agree_with_exact_ranks():
     for convs, shape in [(((3, 3, 1, 0),), (10, 10, 3)), (((6, 4, 2, 0),), (12, 12, 3)),
                          (((5, 3, 2, 1),), (11, 11, 4))]:
         model = _tiny(convs=convs, acts=("tanh", "identity"), shape=shape)
-        rep = S.security(model, key=jax.random.key(0))
+        rep = jaxinv.security(model, key=jax.random.key(0))
         L = model.layers()[0]
-        c = S.count_conv_rank(L.in_shape[:2], L.in_shape[2], L.kernel_shape[3], L.kernel_shape[:2], L.strides,
+        c = count_conv_rank(L.in_shape[:2], L.in_shape[2], L.kernel_shape[3], L.kernel_shape[:2], L.strides,
                               L.padding)
         assert c["rank"] == rep.layers[0].rank, convs
 
 
 def test_tile_certificate_matches_dense(monkeypatch):
     model = _tiny(convs=((24, 5, 2, 2),), acts=("leaky_relu:0.2", "identity"), shape=(24, 24, 3))
-    dense = S.security(model, key=jax.random.key(0))
+    dense = jaxinv.security(model, key=jax.random.key(0))
     monkeypatch.setattr(certificates, "TILE_MIN", 100)  # force the tile certificate on this small layer
-    tiled = S.security(model, key=jax.random.key(0))
+    tiled = jaxinv.security(model, key=jax.random.key(0))
     assert "tile certificate" in tiled.layers[0].method and tiled.layers[0].exact
     assert tiled.layers[0].rank == dense.layers[0].rank == 24 * 24 * 3
     # a deficient layer too large for the structured paths: only a counting estimate, flagged as such
     model = _tiny(convs=((2, 3, 2, 1),), acts=("tanh", "identity"), shape=(24, 24, 3))
     monkeypatch.setattr(certificates, "TILE_MIN", 20000)
-    exact = S.security(model, key=jax.random.key(0)).layers[0]
+    exact = jaxinv.security(model, key=jax.random.key(0)).layers[0]
     monkeypatch.setattr(certificates, "TILE_MIN", 100)
     monkeypatch.setattr(certificates, "DENSE_MAX", 10)
-    est = S.security(model, key=jax.random.key(0)).layers[0]
+    est = jaxinv.security(model, key=jax.random.key(0)).layers[0]
     assert exact.exact and not est.exact and "counting" in est.method
     assert est.rank >= exact.rank  # counting gives an upper bound on the rank
 
 
 def test_deterministic_under_key_and_generic_across_keys():
     model = _tiny(convs=((2, 3, 1, 0), (3, 3, 2, 0)), acts=("tanh", "tanh", "identity"), shape=(10, 10, 2))
-    a = S.security(model, key=jax.random.key(5)).to_dict()
-    b = S.security(model, key=jax.random.key(5)).to_dict()
+    a = jaxinv.security(model, key=jax.random.key(5)).to_dict()
+    b = jaxinv.security(model, key=jax.random.key(5)).to_dict()
     strip = lambda d: {k: v for k, v in d.items() if k != "seconds"} | {  # noqa: E731
         "layers": [{k: v for k, v in layer.items() if k != "seconds"} for layer in d["layers"]]}
     assert strip(a) == strip(b)
-    c = S.security(model, key=jax.random.key(6)).to_dict()
+    c = jaxinv.security(model, key=jax.random.key(6)).to_dict()
     assert [r["rank"] for r in c["layers"]] == [r["rank"] for r in a["layers"]]  # ranks are generic
     json.dumps(a)  # JSON-friendly
 
@@ -247,33 +246,33 @@ def test_client_and_its_legacy_keywords():
     strip = lambda d: {k: v for k, v in d.items() if k != "seconds"} | {  # noqa: E731
         "layers": [{k: v for k, v in layer.items() if k != "seconds"} for layer in d["layers"]]}
     key = jax.random.key(2)
-    a = S.security(model, key=key, client=jaxinv.Client(loss="cross_entropy"), probes=2).to_dict()
-    b = S.security(model, key=key, loss="cross_entropy", probes=2).to_dict()
+    a = jaxinv.security(model, key=key, client=jaxinv.Client(loss="cross_entropy"), probes=2).to_dict()
+    b = jaxinv.security(model, key=key, loss="cross_entropy", probes=2).to_dict()
     assert strip(a) == strip(b)
     with pytest.raises(TypeError, match="unexpected keyword"):
-        S.security(model, key=key, steps=3)
+        jaxinv.security(model, key=key, steps=3)
     with pytest.raises(TypeError, match="both as keyword and on the Client"):
-        S.security(model, key=key, client=jaxinv.Client(loss="logistic"), loss="cross_entropy")
+        jaxinv.security(model, key=key, client=jaxinv.Client(loss="logistic"), loss="cross_entropy")
     with pytest.raises(ValueError, match="not supported"):
-        S.security(model, key=key, batch_size=2, local_steps=2, local_lr=0.1)
+        jaxinv.security(model, key=key, batch_size=2, local_steps=2, local_lr=0.1)
     with pytest.raises(ValueError, match="probes"):
-        S.security(model, key=key, probes=0)
+        jaxinv.security(model, key=key, probes=0)
 
 
 def test_report_fields_table_and_with_grads():
     model = _tiny(convs=((6, 3, 1, 0),), acts=("tanh", "identity"), shape=(8, 8, 2))
-    rep = S.security(model, key=jax.random.key(0))
+    rep = jaxinv.security(model, key=jax.random.key(0))
     assert rep.copa_index == 0 and rep.rgap_index == 0 and rep.verdict.startswith("LEAKS")
     assert rep.score > 30 and rep.advice
     text = rep.table()
     assert "COPA index" in text and "Conv_0/kernel" in text and "verdict" in text
     x = jax.random.uniform(jax.random.key(1), (1, 8, 8, 2))
     grads = jaxinv.client_gradient(model, x, jnp.array([1]))
-    rg = S.security(model, key=jax.random.key(0), grads=grads)
+    rg = jaxinv.security(model, key=jax.random.key(0), grads=grads)
     assert rg.label == 1 and "reconstruction" in rg.delta_source
     assert [r.rank for r in rg.layers] == [r.rank for r in rep.layers]
     deficient = _tiny(convs=((1, 3, 2, 0),), acts=("tanh", "identity"), shape=(8, 8, 2))
-    rd = S.security(deficient, key=jax.random.key(0))
+    rd = jaxinv.security(deficient, key=jax.random.key(0))
     assert rd.copa_index < 0 and not rd.verdict.startswith("LEAKS")
     assert any("protects the input" in a.text for a in rd.advice)
 
@@ -292,14 +291,14 @@ def test_unsupported_layer_propagates():
     variables = Normed().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
     model = jaxinv.from_linen(Normed(), variables, strict=False)
     with pytest.raises(UnsupportedModelError, match="normalisation by statistics of the data"):
-        S.security(model, input_shape=(8, 8, 1), key=jax.random.key(0))
+        jaxinv.security(model, input_shape=(8, 8, 1), key=jax.random.key(0))
 
 
 def test_input_shape_mismatch():
     module, variables = zoo.build("cnn2_c0", key=jax.random.key(0))
     model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
     with pytest.raises(ValueError, match="input_shape"):
-        S.security(model, input_shape=(28, 28, 3), key=jax.random.key(0))
+        jaxinv.security(model, input_shape=(28, 28, 3), key=jax.random.key(0))
 
 
 def test_nan_weights_named():
@@ -307,22 +306,22 @@ def test_nan_weights_named():
     params = jax.tree_util.tree_map(lambda a: a, model.params)
     params["params"]["Conv_0"]["kernel"] = params["params"]["Conv_0"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
     with pytest.raises(ValueError, match="Conv_0/kernel"):
-        S.security(model, key=jax.random.key(0), params=params)
+        jaxinv.security(model, key=jax.random.key(0), params=params)
     bad = jaxinv.from_linen(zoo.make_cnn([(4, 3, 1, 0)], ["tanh", "identity"], num_classes=3), params)
     with pytest.raises(ValueError, match="non-finite"):
-        S.security(bad, input_shape=(8, 8, 2), key=jax.random.key(0))
+        jaxinv.security(bad, input_shape=(8, 8, 2), key=jax.random.key(0))
 
 
 def test_bad_key_params_and_batched_grads():
     model = _tiny()
     with pytest.raises(TypeError, match="PRNG key"):
-        S.security(model, key=0)
+        jaxinv.security(model, key=0)
     with pytest.raises(ValueError, match="structure"):
-        S.security(model, key=jax.random.key(0), params={"params": {}})
+        jaxinv.security(model, key=jax.random.key(0), params={"params": {}})
     x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 2))
     g = jax.vmap(lambda xi: jaxinv.client_gradient(model, xi[None], jnp.array([0])))(x)
     with pytest.raises(ValueError, match="shape"):
-        S.security(model, key=jax.random.key(0), grads=g)
+        jaxinv.security(model, key=jax.random.key(0), grads=g)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -359,7 +358,7 @@ def test_layout_agnostic_nchw_matches_nhwc():
     nchw = jaxinv.from_fn(apply(("NCHW", "OIHW", "NCHW")), {"w": W, "d": D, "b": jnp.zeros(5)}, input_shape=(3, 8, 8))
     nhwc = jaxinv.from_fn(apply(("NHWC", "HWIO", "NHWC")), {"w": W.transpose(2, 3, 1, 0), "d": D, "b": jnp.zeros(5)},
                           input_shape=(8, 8, 3))
-    a, b = S.security(nchw, key=jax.random.key(1)), S.security(nhwc, key=jax.random.key(1))
+    a, b = jaxinv.security(nchw, key=jax.random.key(1)), jaxinv.security(nhwc, key=jax.random.key(1))
     assert [r.rank for r in a.layers] == [r.rank for r in b.layers]
     assert a.copa_index == b.copa_index < 0
     assert "ker B0" in a.layers[0].method  # the structured path handles the NCHW layout

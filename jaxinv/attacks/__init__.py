@@ -23,7 +23,7 @@ priors (:mod:`jaxinv._priors`); below the security metric and the audit.
 from .._labels import recover_labels
 from .._priors import project_box, total_variation
 from ._dlg import DLGOptions, dlg, idlg
-from ._hybrid import HybridOptions, hybrid
+from ._hybrid import HybridOptions, hybrid, hybrid_down, null_fraction, suffix_gradient, suffix_leaves
 from ._ig import IGOptions, ig, milestones, multistep_schedule
 from ._objectives import (
     LoopResult,
@@ -41,31 +41,35 @@ from ._registry import ATTACKS, RENAMED, attack, check_options
 from ._rgap import rgap
 
 __all__ = [
-    "ATTACKS",
-    "DLGOptions",
-    "HybridOptions",
-    "IGOptions",
-    "LoopResult",
-    "RENAMED",
     "attack",
+    "ATTACKS",
     "candidate_gradient",
     "candidate_shared",
     "candidate_update_gradient",
     "check_options",
     "cosine_distance",
     "dlg",
+    "DLGOptions",
     "hard_targets",
     "hybrid",
+    "hybrid_down",
+    "HybridOptions",
     "idlg",
     "ig",
+    "IGOptions",
     "l2_distance",
+    "LoopResult",
     "milestones",
     "minimise",
     "multistep_schedule",
+    "null_fraction",
     "project_box",
     "recover_labels",
     "relative_distance",
+    "RENAMED",
     "rgap",
     "soft_cross_entropy",
+    "suffix_gradient",
+    "suffix_leaves",
     "total_variation",
 ]

@@ -230,9 +230,11 @@ def attack(
 
     Example:
         >>> grads = jaxinv.client_gradient(model, x, y)
-        >>> rec = jaxinv.attack("ig", model, grads, key=jax.random.key(0), max_steps=1000)
-        >>> rec = jaxinv.attack("ig", model, grads, key=jax.random.key(0), options=IGOptions(max_steps=1000))
-        >>> jaxinv.metrics.psnr(rec.image, x)
+        >>> rec = jaxinv.attack("ig", model, grads, key=jax.random.key(0), max_steps=200)
+        >>> same = jaxinv.attack("ig", model, grads, key=jax.random.key(0),
+        ...                      options=jaxinv.attacks.IGOptions(max_steps=200))
+        >>> rec.image.shape == x.shape, bool((same.image == rec.image).all())
+        (True, True)
     """
     check_options(name, options)
     return _REGISTRY[name](model, grads, label=label, input_shape=input_shape, key=key, **options)
