@@ -9,6 +9,8 @@ name        method                                                              
 ``dlg``     L-BFGS on data and soft label, L2 gradient distance (Zhu et al. 2019)  ``key``
 ``idlg``    label from the head's gradient, then DLG on the data (Zhao et al.)     ``key``
 ``ig``      cosine distance + TV, signed Adam, box, restarts (Geiping et al.)      ``key``
+``hybrid``  COPA's least squares, then gradient matching per layer (Chen &          readable layers
+            Campbell, BMVC 2022)
 ==========  =====================================================================  =========================
 
 Every attack returns a :class:`jaxinv.Reconstruction`. The optimisation attacks work on any differentiable model
