@@ -82,25 +82,13 @@ def quality(names, n, dtypes):
 
 def _true_layers(model, x, label):
     """Every layer's true input, pre-activation and delta_l = dl/dz_l for one image (the client's loss)."""
-    from jaxinv.engine import loss_fn
+    from jaxinv.engine import layer_pass, loss_fn
 
     st = model.structure().stages
     leaves = jax.tree_util.tree_leaves(model.params)
-    n_out = int(np.prod(st[-1].nodes.x_out.shape))
-    lf = loss_fn("auto", n_out)
-    xs, zs, h = [], [], x
-    for s in st:
-        xs.append(h)
-        zs.append(s.affine(h, leaves))
-        h = s.activation(zs[-1])
-
-    def objective(eps):
-        h = x
-        for s, e in zip(st, eps):
-            h = s.activation(s.affine(h, leaves) + e)
-        return lf(h.reshape(1, -1), label.reshape(1))
-
-    return st, leaves, xs, zs, jax.grad(objective)([jnp.zeros_like(z) for z in zs])
+    lf = loss_fn("auto", int(np.prod(st[-1].nodes.x_out.shape)))
+    xs, zs, deltas = layer_pass(st, leaves, x, jnp.asarray(label).reshape(()), lf)
+    return st, leaves, xs, zs, deltas
 
 
 def dense_vs_matrix_free(names):

@@ -176,27 +176,11 @@ def reference_table(quick):
 # ------------------------------------------------------------------------------------------------- (c) ReLU nets
 def _truth(model, x, label, loss):
     """True inputs x_{l-1}, pre-activations z_l and delta_l of every layer (one image)."""
-    from jaxinv.engine import loss_fn
+    from jaxinv.engine import layer_pass, loss_fn
 
-    st = model.structure()
-    stages = st.stages
-    leaves = jax.tree_util.tree_leaves(model.params)
+    stages = model.structure().stages
     lf = loss_fn(loss, math.prod(stages[-1].nodes.x_out.shape))
-    xs, zs, h = [], [], x
-    for s in stages:
-        xs.append(h)
-        z = s.affine(h, leaves)
-        zs.append(z)
-        h = s.activation(z)
-    xs.append(h)
-
-    def objective(eps):
-        h = x
-        for s, e in zip(stages, eps):
-            h = s.activation(s.affine(h, leaves) + e)
-        return lf(h.reshape(1, -1), label.reshape(1))
-
-    return xs, zs, jax.grad(objective)([jnp.zeros_like(z) for z in zs])
+    return layer_pass(stages, jax.tree_util.tree_leaves(model.params), x, jnp.asarray(label).reshape(()), lf)
 
 
 def _rel(a, b):

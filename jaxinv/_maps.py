@@ -18,7 +18,7 @@ together in least squares by LSMR (lineax): the minimum-norm solution when the s
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,3 +120,29 @@ def solver_status(result) -> jax.Array:
     code = jnp.where(result == R.max_steps_reached, int(RESULTS.max_steps_reached),
                      jnp.where(result == R.nonfinite_input, int(RESULTS.nonfinite), int(RESULTS.breakdown)))
     return jnp.where(result == R.successful, int(RESULTS.successful), code).astype(jnp.int32)
+
+
+def layer_pass(stages: Sequence[Stage], leaves: list[jax.Array], x: jax.Array, label: jax.Array,
+               lf: Callable[[jax.Array, jax.Array], jax.Array]):
+    r"""One example's pass through the layers: every layer's input :math:`x_{l-1}` (and the output, last),
+    pre-activation :math:`z_l`, and :math:`\delta_l = \partial\ell/\partial z_l` of the loss ``lf`` at ``label``
+    (one class index, or one mask): the point at which the layers' maps are built (the truth, for a benchmark;
+    natural probes, for the metric).
+
+    Returns:
+        ``(xs, zs, deltas)``: ``len(stages) + 1`` inputs/outputs, ``len(stages)`` pre-activations and deltas.
+    """
+    xs, zs, h = [], [], x
+    for s in stages:
+        xs.append(h)
+        zs.append(s.affine(h, leaves))
+        h = s.activation(zs[-1])
+    xs.append(h)
+
+    def objective(eps):
+        h = x
+        for s, e in zip(stages, eps):
+            h = s.activation(s.affine(h, leaves) + e)
+        return lf(h, label.reshape((1,) + label.shape))
+
+    return xs, zs, jax.grad(objective)([jnp.zeros_like(z) for z in zs])

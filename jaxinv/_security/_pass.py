@@ -16,6 +16,7 @@ import numpy as np
 
 from .._checks import check_key
 from .._gradient import loss_fn
+from .._maps import layer_pass
 from .._model import Model, Stage
 from ._layer_maps import cache_of
 
@@ -102,19 +103,7 @@ def _make_pass(stages, lf):
     """The pass as one function of ``(leaves, x, label, probes)`` (jitted once per structure and loss)."""
 
     def run(leaves, x, label, probes):
-        xs, zs, h = [], [], x
-        for s in stages:
-            xs.append(h)
-            z = s.affine(h, leaves)
-            zs.append(z)
-            h = s.activation(z)
-        xs.append(h)
-
-        def objective(eps):
-            h = x
-            for s, e in zip(stages, eps):
-                h = s.activation(s.affine(h, leaves) + e)
-            return lf(h, label.reshape((1,) + label.shape))  # a label, or a mask (segmentation)
+        xs, zs, deltas = layer_pass(stages, leaves, x, label, lf)
 
         def probe(p):
             ins, pre, h = [], [], p[None]
@@ -125,6 +114,6 @@ def _make_pass(stages, lf):
                 h = s.activation(z)
             return ins, pre
 
-        return xs, zs, jax.grad(objective)([jnp.zeros_like(z) for z in zs]), jax.vmap(probe)(probes)
+        return xs, zs, deltas, jax.vmap(probe)(probes)
 
     return run

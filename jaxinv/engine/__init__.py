@@ -42,7 +42,7 @@ from ._refine import (
 )
 from ._batch import batch_system
 from .._gradient import loss_fn
-from .._maps import LayerSystem, operator_norm
+from .._maps import LayerSystem, layer_pass, operator_norm
 
 __all__ = [
     "BlockSystem",
@@ -73,6 +73,7 @@ __all__ = [
     "head_jit",
     "head_step",
     "is_traced",
+    "layer_pass",
     "layer_report",
     "layer_system",
     "layerwise_options",
