@@ -26,13 +26,13 @@ from ._score import defended_verdict
 
 
 def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray, *, key, input_shape=None,
-                      loss: str = "auto", local_steps: int = 1, local_lr: float | None = None
-                      ) -> tuple[np.ndarray, float]:
+                      client: Client | None = None) -> tuple[np.ndarray, float]:
     r"""How a defence's change to the gradient propagates through the layer-wise inversion.
 
     For natural probe images :math:`p_j` with random labels, the clean gradients :math:`g_j` and the shared ones
-    :math:`\tilde g_j = D(g_j; k_j)` are inverted by :func:`jaxinv.copa` with the labels known. With
-    ``local_steps`` :math:`K > 1` the client shares a FedAvg update, read as the first-order gradient
+    :math:`\tilde g_j = D(g_j; k_j)` are inverted by :func:`jaxinv.copa` with the labels known. With the
+    ``client``'s ``local_lr`` given the client shares weights (even after one step); with ``local_steps``
+    :math:`K > 1` it shares a FedAvg update, read as the first-order gradient
     :func:`jaxinv.update_as_gradient` before the defence, and COPA corrects it by simulating the steps
     (``copa(..., local_steps=K)``). Layer :math:`l`'s **noise gain** is
     :math:`\mathrm{RMS}(\tilde x_{l-1} - \hat x_{l-1}) / \mathrm{RMS}(\tilde g - g)` (reconstructed layer inputs
@@ -44,6 +44,8 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
     Returns:
         ``(gains per layer, input layer first; MSE_D)``.
     """
+    client = Client() if client is None else client
+    loss, local_steps, local_lr = client.loss, client.local_steps, client.local_lr
     shape = model.resolve_input_shape(input_shape)
     x = jnp.asarray(probes, model.structure(shape).dtype)
     k_y, k_d = jax.random.split(key)
@@ -57,8 +59,7 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
     if defence is not None:
         gd = jax.vmap(defence)(gd, jax.random.split(k_d, x.shape[0]))
     rc = copa(model, g, label=y, input_shape=shape, client=Client(loss=loss))
-    rn = copa(model, gd, label=y, input_shape=shape,
-              client=Client(loss=loss, local_steps=local_steps, local_lr=local_lr if local_steps > 1 else None))
+    rn = copa(model, gd, label=y, input_shape=shape, client=client if client.fedavg else Client(loss=loss))
     diff = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
             for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(g))]
     g_rms = math.sqrt(sum(float(np.sum(d * d)) for d in diff) / max(sum(d.size for d in diff), 1))
@@ -69,7 +70,7 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
     return gains, mse
 
 
-def batch_psnr(model: Model, batch_size: int, *, key, input_shape=None, loss: str = "auto",
+def batch_psnr(model: Model, batch_size: int, *, key, input_shape=None, client: Client | None = None,
                defence: Callable | None = None) -> float:
     r"""PSNR (dB) of :func:`jaxinv.copa` on one gradient of ``batch_size`` natural probes (:func:`natural_probes`,
     random labels without repeats where the head allows, ``defence`` applied), the reconstructions matched to the
@@ -79,6 +80,7 @@ def batch_psnr(model: Model, batch_size: int, *, key, input_shape=None, loss: st
     x = jnp.asarray(natural_probes(k_p, shape, batch_size), model.structure(shape).dtype)
     K = num_labels(model, shape)
     y = jax.random.permutation(k_y, max(K, batch_size))[:batch_size] % K
+    loss = "auto" if client is None else client.loss
     g = client_gradient(model, x, y, loss=loss)
     if defence is not None:
         g = defence(g, k_d)
@@ -110,7 +112,7 @@ def under_client(model: Model, layers: tuple[LayerSecurity, ...], score: float, 
         name = " -> ".join([f"batch(B={batch_size})"] + ([getattr(defence, "name", "defence")] if defence else []))
         try:
             batch = batch_psnr(model, batch_size, key=jax.random.fold_in(key, 2), input_shape=input_shape,
-                               loss=client.loss, defence=defence)
+                               client=client, defence=defence)
         except ValueError as e:
             raise ValueError(f"security(batch_size={batch_size}) runs the batch layer-wise attack on probes, which "
                              f"cannot run on {model.name!r}: {str(e).splitlines()[0]}") from None
@@ -125,7 +127,7 @@ def under_client(model: Model, layers: tuple[LayerSecurity, ...], score: float, 
     name = " -> ".join(names)
     try:
         gains, mse = noise_propagation(model, defence, probes, key=jax.random.fold_in(key, 1), input_shape=input_shape,
-                                       loss=client.loss, local_steps=client.local_steps, local_lr=client.local_lr)
+                                       client=client)
     except ValueError as e:
         raise ValueError(f"security(defence=...) measures the defence through the layer-wise inversion, which "
                          f"cannot run on {model.name!r}: {str(e).splitlines()[0]}") from None
