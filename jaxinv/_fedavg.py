@@ -20,7 +20,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._checks import positive_int
-from ._gradient import check_labels, loss_fn
+from ._client import Client
+from ._gradient import check_labels, client_gradient, loss_fn
 from ._model import Model
 
 
@@ -79,3 +80,21 @@ def update_as_gradient(update: PyTree, *, steps: int, lr: float) -> PyTree:
     """
     steps, lr = check_steps_lr(steps, lr, "update_as_gradient")
     return jax.tree_util.tree_map(lambda d: -d / (steps * lr), update)
+
+
+def shared_gradients(model: Model, images: Float[Array, "N *shape"], labels: Int[Array, " N"],
+                     client: Client) -> PyTree:
+    r"""What each image's client shares, stacked on a leading axis of every leaf: the single-image gradient
+    :math:`\nabla_\theta \ell(f_\theta(x_i), y_i)` with the client's loss or, when the client's learning rate is
+    given (it shares weights after ``local_steps`` :math:`K \ge 1` SGD steps), the update read as a gradient,
+    :math:`-\Delta_i / (K\eta)` (:func:`update_as_gradient`; even one step carries the rounding of
+    :math:`\theta_0 - \eta g`)."""
+
+    def one(x, y):
+        if client.local_lr is not None:
+            steps, lr = client.local_steps, client.local_lr
+            update = local_update(model, x[None], y[None], steps=steps, lr=lr, loss=client.loss)
+            return update_as_gradient(update, steps=steps, lr=lr)
+        return client_gradient(model, x[None], y[None], loss=client.loss)
+
+    return jax.vmap(one)(jnp.asarray(images), jnp.asarray(labels))

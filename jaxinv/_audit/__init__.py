@@ -6,6 +6,7 @@ returns) -> ``_audit`` (one attack scored, the audit) -> ``_sweep`` (models x de
 ``_targets`` resolves the CLI's MODEL argument.
 """
 
+from .._fedavg import shared_gradients
 from ._audit import (
     AUDIT_DEFAULTS,
     OPTIMISATION_ATTACKS,
@@ -21,7 +22,6 @@ from ._audit import (
     merged_options,
     param_dtype,
     run_attack,
-    shared_gradients,
     step_options,
 )
 from ._report import (

@@ -22,13 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray
 
 from .. import metrics
 from .._checks import check_key, positive_int
 from .._client import Client
-from .._fedavg import local_update, update_as_gradient
-from .._gradient import check_labels, client_gradient, num_labels
+from .._fedavg import shared_gradients
+from .._gradient import check_labels, num_labels
 from .._model import Model
 from .._security import security
 from ..attacks import ATTACKS, attack, check_options
@@ -203,22 +203,6 @@ def param_dtype(model: Model) -> jnp.dtype:
 
 
 # ============================================================================================== one attack
-def shared_gradients(model: Model, images: Float[ArrayLike, "N *shape"], labels: Int[ArrayLike, " N"],
-                     client: Client) -> PyTree:
-    r"""What each image's client shares, stacked on a leading axis of every leaf: the single-image gradient
-    :math:`\nabla_\theta \ell(f_\theta(x_i), y_i)` with the client's loss or, for ``local_steps`` :math:`K > 1`,
-    the FedAvg update read as a gradient, :math:`-\Delta_i / (K\eta)` (:func:`jaxinv.update_as_gradient`)."""
-
-    def one(x, y):
-        if client.fedavg:
-            steps, lr = client.local_steps, client.local_lr
-            update = local_update(model, x[None], y[None], steps=steps, lr=lr, loss=client.loss)
-            return update_as_gradient(update, steps=steps, lr=lr)
-        return client_gradient(model, x[None], y[None], loss=client.loss)
-
-    return jax.vmap(one)(jnp.asarray(images), jnp.asarray(labels))
-
-
 def image_scores(images: Float[ArrayLike, "N *shape"], truth: Float[ArrayLike, "N *shape"]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Per-image PSNR and SSIM of ``images`` clipped to ``[0, 1]`` against ``truth`` (data range 1), in the

@@ -48,7 +48,8 @@ from .._model import Model
 from .._security import security as security_report
 from .._version import __version__
 from ._audit import check_attacks, check_client, check_client_fits, check_images, client_keywords, error_text
-from ._audit import merged_options, run_attack, shared_gradients
+from .._fedavg import shared_gradients
+from ._audit import merged_options, run_attack
 from ._result import jsonable, leaking_layer
 from ._targets import load_target
 

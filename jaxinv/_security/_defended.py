@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import metrics
 from .._client import Client
-from .._fedavg import local_update, update_as_gradient
+from .._fedavg import shared_gradients
 from .._gradient import client_gradient, num_labels, stacked_gradients
 from .._model import Model
 from ..engine import copa
@@ -45,17 +45,13 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
         ``(gains per layer, input layer first; MSE_D)``.
     """
     client = Client() if client is None else client
-    loss, local_steps, local_lr = client.loss, client.local_steps, client.local_lr
+    loss, local_lr = client.loss, client.local_lr
     shape = model.resolve_input_shape(input_shape)
     x = jnp.asarray(probes, model.structure(shape).dtype)
     k_y, k_d = jax.random.split(key)
     y = jax.random.randint(k_y, (x.shape[0],), 0, num_labels(model, shape))
     g = stacked_gradients(model, x, y)
-    gd = g
-    if local_lr is not None:  # weights shared: even one step carries the float rounding of theta_0 - lr g
-        gd = jax.vmap(lambda xi, yi: update_as_gradient(local_update(model, xi[None], yi[None], steps=local_steps,
-                                                                     lr=local_lr, loss=loss),
-                                                        steps=local_steps, lr=local_lr))(x, y)
+    gd = shared_gradients(model, x, y, client) if local_lr is not None else g
     if defence is not None:
         gd = jax.vmap(defence)(gd, jax.random.split(k_d, x.shape[0]))
     rc = copa(model, g, label=y, input_shape=shape, client=Client(loss=loss))
