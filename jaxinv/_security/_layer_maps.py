@@ -63,7 +63,7 @@ def _compiled(stage: Stage, idx: tuple[int, ...], dtype) -> dict[str, Callable]:
 
     def fwd_t(leaves, second, y):
         f = masked_forward(leaves, second)
-        return jax.linear_transpose(f, jax.ShapeDtypeStruct((n,), dtype))(y)[0]
+        return jax.linear_transpose(f, jax.ShapeDtypeStruct((n,), dtype))(y.astype(dtype))[0]
 
     def grad(leaves, second, v):
         mask, delta, u = second
@@ -80,7 +80,7 @@ class LayerMaps:
     For a layer (``u = 0``, its kernel) the layer's own convolution / matmul, so applied to a unit vector they
     return the matrix entries exactly; for a block (:mod:`jaxinv.engine._block`: its input ``u``, all its
     parameters) the linearisation of its nonlinear system, determined where it has full column rank. Inputs are
-    given as rows of a float32 array; :meth:`apply` returns float64 columns.
+    given as rows of an array (cast to the model's dtype); :meth:`apply` returns float64 columns.
 
     Attributes:
         stage, leaves: the layer and the model's parameter leaves.
@@ -116,7 +116,7 @@ class LayerMaps:
         f = self._fns[which]
         cols, size = [], self.chunk
         for s in range(0, k, size):
-            blk = np.asarray(vecs(s, min(s + size, k)), np.float32)
+            blk = np.asarray(vecs(s, min(s + size, k)), np.dtype(self.dtype))
             pad = size - blk.shape[0]
             if pad:
                 blk = np.concatenate([blk, np.zeros((pad,) + blk.shape[1:], blk.dtype)])
@@ -130,7 +130,7 @@ class LayerMaps:
     def one(self, which: str, v: np.ndarray) -> np.ndarray:
         """Apply map ``which`` to one vector, through the batched map (the chunk bounds the padded work, and no
         second compilation is needed)."""
-        return self.apply(which, lambda s, t: np.asarray(v, np.float32).reshape(1, -1), 1)[:, 0]
+        return self.apply(which, lambda s, t: np.asarray(v).reshape(1, -1), 1)[:, 0]
 
 
 def unit_vectors(idx: np.ndarray, n: int) -> Callable:
