@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,10 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._checks import check_key, positive_int
 
-__all__ = ["fit_images", "load_folder", "load_photo", "load_tfds", "photo_names", "sample_images", "segmentation_masks"]
+__all__ = [
+    "Task", "fit_images", "load_folder", "load_photo", "load_tfds", "photo_names", "photo_task", "sample_images",
+    "segmentation_masks",
+]
 
 # name -> how to get it from skimage.data (all files inside the scikit-image wheel).
 _PHOTOS: dict[str, Callable[[], np.ndarray]] = {
@@ -197,13 +200,73 @@ def sample_images(n: int, *, size: int = 32, key: PRNGKeyArray) -> Float[Array, 
     for i in range(n - len(images)):
         # A fixed-shape draw per crop: one compiled kernel whatever n is.
         u = np.asarray(jax.random.uniform(jax.random.fold_in(crop_key, i), (4,)))
-        photo = _working(names[min(int(u[0] * len(names)), len(names) - 1)], size)
-        h, w = photo.shape[:2]
-        side = max(1, round((_CROP_MIN + (_CROP_MAX - _CROP_MIN) * u[1]) * min(h, w)))
-        top = min(int(u[2] * (h - side + 1)), h - side)
-        left = min(int(u[3] * (w - side + 1)), w - side)
-        images.append(_resize(photo[top : top + side, left : left + side], size))
+        images.append(_crop(names[min(int(u[0] * len(names)), len(names) - 1)], size, u[1:]))
     return jnp.asarray(np.stack(images))
+
+
+def _crop(name: str, size: int, u: np.ndarray) -> np.ndarray:
+    """The random square crop of photo ``name`` drawn by ``u`` (3 uniforms: side, top, left), resized to ``size``."""
+    photo = _working(name, size)
+    h, w = photo.shape[:2]
+    side = max(1, round((_CROP_MIN + (_CROP_MAX - _CROP_MIN) * u[0]) * min(h, w)))
+    top = min(int(u[1] * (h - side + 1)), h - side)
+    left = min(int(u[2] * (w - side + 1)), w - side)
+    return _resize(photo[top : top + side, left : left + side], size)
+
+
+class Task(NamedTuple):
+    """A labelled image-classification task (what :func:`jaxinv.zoo.train` trains on).
+
+    Attributes:
+        images: float32 ``(n, size, size, 3)`` in ``[0, 1]``.
+        labels: int32 ``(n,)``, the index of each image's class in ``classes``.
+        classes: the class names (for :func:`photo_task`: the photos the crops come from).
+    """
+
+    images: Float[Array, "n h w c"]
+    labels: Int[Array, " n"]
+    classes: tuple[str, ...]
+
+
+def photo_task(n: int, *, size: int = 32, photos: tuple[str, ...] | None = None, key: PRNGKeyArray) -> Task:
+    r"""A real labelled task, offline: ``n`` random crops of the bundled photos, each labelled by its photo.
+
+    Each crop is a random square of side :math:`s\cdot\min(H, W)`, :math:`s \sim \mathcal{U}(0.3, 0.8)`, at a
+    random position (as :func:`sample_images`), resized to ``size``; the labels are balanced (``n // k`` or one
+    more per photo) and shuffled. Two tasks drawn with different keys are a training and a held-out set of the same
+    classes; the photos not in ``photos`` are images the model never saw (what an audit should attack).
+
+    Args:
+        n: number of labelled images.
+        size: height and width of each image.
+        photos: the classes, names from :func:`photo_names` (at least 2, no repeats); default the first four.
+        key: JAX PRNG key (the only source of randomness).
+
+    Returns:
+        A :class:`Task` ``(images, labels, classes)``.
+
+    Raises:
+        ValueError: bad ``n``/``size``, fewer than 2 photos, a repeated or unknown photo.
+        TypeError: ``key`` is not a PRNG key.
+
+    Example:
+        >>> task = photo_task(64, size=16, key=jax.random.key(0))
+        >>> task.images.shape, task.classes, [int((task.labels == k).sum()) for k in range(4)]
+        ((64, 16, 16, 3), ('astronaut', 'chelsea', 'coffee', 'rocket'), [16, 16, 16, 16])
+    """
+    n = positive_int(n, "n", "photo_task")
+    size = positive_int(size, "size", "photo_task")
+    check_key(key, "photo_task", required=True)
+    classes = photo_names()[:4] if photos is None else tuple(photos)
+    for name in classes:
+        _check_name(name)
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ValueError(f"photo_task: photos must name at least 2 distinct photos of photo_names(), got {classes!r}")
+    label_key, crop_key = jax.random.split(key)
+    labels = np.asarray(jax.random.permutation(label_key, np.arange(n) % len(classes)), np.int32)
+    draws = np.asarray(jax.random.uniform(crop_key, (n, 3)))
+    images = np.stack([_crop(classes[k], size, u) for k, u in zip(labels, draws)])
+    return Task(jnp.asarray(images), jnp.asarray(labels), classes)
 
 
 def fit_images(images: Float[Array, "n h w c"], input_shape: tuple[int, ...]) -> Float[Array, "n *input_shape"]:

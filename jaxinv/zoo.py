@@ -60,8 +60,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._checks import positive_int
+from ._training import Checkpoint, accuracy, train
 
 __all__ = [
+    "Checkpoint",
+    "accuracy",
+    "train",
     "FCNSeg",
     "ModernInfo",
     "ResNet",
