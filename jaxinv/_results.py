@@ -22,6 +22,7 @@ class RESULTS(enum.IntEnum):
     breakdown = 2
     inconsistent = 3
     nonfinite = 4
+    fallback = 5
 
     @property
     def message(self) -> str:
@@ -36,6 +37,8 @@ _MESSAGES = {
     RESULTS.inconsistent: "the layer's system is inconsistent (large residual): the gradient may be noisy, defended "
     "or from a batch",
     RESULTS.nonfinite: "non-finite values in the solution: the gradient or the layer above is degenerate",
+    RESULTS.fallback: "no answer matched the gradient better than a flat image: returned the flat image of the "
+    "recovered mean colour (the gradient's noise, its precision or a defence, hides the input here)",
 }
 
 # The earlier name of the same table (code -> message).

@@ -48,14 +48,16 @@ from ._layer import fit_status, layer_report
 from ._options import Solver
 
 
-def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_steps: int, iters: int, lam0=1e-2):
+def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_steps: int, iters: int, lam0=1e-2,
+                        project: Callable | None = None, factors: tuple[float, float] = (0.1, 10.0)):
     r"""Minimise :math:`\|r(x)\|^2` by Levenberg-Marquardt, matrix-free.
 
     Each iteration solves :math:`\min_d \|J d + r\|^2 + \lambda\|d\|^2` by LSMR on :math:`[J;\ \sqrt\lambda I]`
-    (:math:`J` from ``jax.linearize``, its transpose by ``jax.linear_transpose`` inside lineax), accepts the step
-    when the residual decreases (then :math:`\lambda \leftarrow \lambda/10`), else rejects it and
-    :math:`\lambda \leftarrow 10\lambda`. ``lam0`` should be on the scale of :math:`J^\top J` (residual blocks
-    normalised to 1 give :math:`\|J\| \approx 1`).
+    (:math:`J` from ``jax.linearize``, its transpose by ``jax.linear_transpose`` inside lineax), takes
+    :math:`x' = \Pi(x + d)` (``project``: e.g. the input box; identity by default), accepts it when the residual
+    decreases (then :math:`\lambda \leftarrow f_\downarrow\lambda`), else rejects it and
+    :math:`\lambda \leftarrow f_\uparrow\lambda` (``factors``). ``lam0`` should be on the scale of
+    :math:`J^\top J` (residual blocks normalised to 1 give :math:`\|J\| \approx 1`).
 
     Returns:
         ``(x, |r(x)|, total LSMR steps)``.
@@ -73,10 +75,10 @@ def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_st
         op = lx.FunctionLinearOperator(lambda d: (lin(d), sq * d), x_struct)
         rhs = (jax.tree_util.tree_map(jnp.negative, r), jnp.zeros(x_struct.shape, dtype))
         sol = lx.linear_solve(op, rhs, lx.LSMR(rtol=rtol, atol=atol, max_steps=max_steps), throw=False)
-        xn = x + sol.value
+        xn = x + sol.value if project is None else project(x + sol.value)
         cn = cost(xn)
         ok = jnp.isfinite(cn) & (cn < c)
-        return (jnp.where(ok, xn, x), jnp.where(ok, cn, c), jnp.where(ok, lam * 0.1, lam * 10.0),
+        return (jnp.where(ok, xn, x), jnp.where(ok, cn, c), jnp.where(ok, lam * factors[0], lam * factors[1]),
                 steps + jnp.asarray(sol.stats.get("num_steps", 0), jnp.int32))
 
     init = (x0, cost(x0), jnp.asarray(lam0, dtype), jnp.zeros((), jnp.int32))

@@ -24,11 +24,12 @@ import time
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
 from .._client import Client
-from .._gradient import check_labels, label_shape, resolve_loss, target_distances, validate_grads
+from .._gradient import check_labels, loss_fn, label_shape, resolve_loss, target_distances, validate_grads
 from .._model import Model
 from .._result import Reconstruction
 from ._batch import copa_batch
@@ -36,6 +37,7 @@ from ._down import down_jit, down_step
 from ._fedavg import fedavg_fixed_point
 from ._fold import as_fold_step, fold_down, is_traced, map_jit, timed
 from ._head import head_jit, head_step
+from ._joint import apply_correction, gradient_eps
 from ._options import Solver, batching_mode, layerwise_options
 from ._refine import Pullback, as_pullback
 from ._seg import copa_seg
@@ -116,6 +118,7 @@ def copa(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None =
 
         return fedavg_fixed_point(solve, model, grads, label, client, solver.fedavg_iters)
     structure = model.structure(input_shape)
+    grads_dtype = jax.tree_util.tree_leaves(grads)[0].dtype
     gleaves, T = validate_grads(model, grads)
     out_shape = structure.stages[-1].nodes.x_out.shape
     if label_shape(out_shape[1:]):
@@ -161,12 +164,15 @@ def copa(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None =
     (x, gx, lab, rep), sec = timed(traced, head, gleaves, label)
     B = T if T is not None else 1
     fold = fold_down(structure, [as_fold_step(d) for d in down], gleaves, (x, gx), rep, sec, B, traced=traced)
-    image = fold.x.reshape((B,) + structure.input_shape)
     labels = lab.reshape(-1)
+    image, reports, inputs = apply_correction(
+        structure, jax.tree_util.tree_leaves(model.params), gleaves, fold.x.reshape((B,) + structure.input_shape),
+        labels, fold.reports, fold.layer_inputs, loss_fn(loss, n_out), solver, gradient_eps(grads_dtype, structure.dtype),
+        T is not None, traced)
     dist = target_distances(model, image, labels, gleaves, loss, n_out, T is not None)
     total = jnp.nan if traced else time.perf_counter() - t_start
     return Reconstruction(
-        image=image, label=labels, layers=fold.reports, attack="copa",
+        image=image, label=labels, layers=reports, attack="copa",
         loss_trace=jnp.zeros((labels.shape[0], 0), image.dtype), gradient_distance=dist,
-        seconds=jnp.asarray(total, jnp.float32), layer_inputs=fold.layer_inputs,
+        seconds=jnp.asarray(total, jnp.float32), layer_inputs=inputs,
     )

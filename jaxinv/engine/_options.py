@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from .._checks import merge_options, no_more_keywords, positive_int
 from .._client import Client
+from .._priors import check_box
 
 BATCHING = ("auto", "vmap", "map")
 
@@ -28,6 +29,12 @@ class Solver(eqx.Module):
             ``gradient_weight=0`` is the forward-only inversion, ``forward_weight=0`` the gradient-only one).
         fedavg_iters: fixed-point iterations when the shared object is a multi-step FedAvg update
             (:class:`jaxinv.Client` with ``local_steps > 1``).
+        correct: run the noise-aware joint correction of the bottom layers where their least-squares answer does
+            not match its data (:mod:`jaxinv.engine._joint`): trained layers amplify the gradient's own rounding.
+        correct_depth: how many bottom layers (image layer first) the correction solves jointly for the image.
+        correct_iters: Levenberg-Marquardt iterations of the correction, per start.
+        box: the model's input range ``(lo, hi)`` (``(0, 1)`` for :mod:`jaxinv.zoo` models), the set the
+            correction projects onto and whose flat image is the fallback; ``None``: unbounded.
 
     Example:
         >>> Solver(max_steps=500).tolerances(jnp.float32)
@@ -40,8 +47,17 @@ class Solver(eqx.Module):
     forward_weight: float = 1.0
     gradient_weight: float = 1.0
     fedavg_iters: int = 30
+    correct: bool = True
+    correct_depth: int = 2
+    correct_iters: int = 30
+    box: tuple[float, float] | None = eqx.field(default=(0.0, 1.0), converter=lambda b: check_box(b, "Solver"))
 
     def __check_init__(self):
+        positive_int(self.correct_depth, "correct_depth", "Solver", what="bottom layers solved jointly")
+        positive_int(self.correct_iters, "correct_iters", "Solver", what="Levenberg-Marquardt iterations")
+        if not isinstance(self.correct, bool):
+            raise ValueError(f"Solver: correct must be True or False, got {self.correct!r}")
+
         positive_int(self.max_steps, "max_steps", "Solver", what="LSMR iterations per layer")
         positive_int(self.fedavg_iters, "fedavg_iters", "Solver", what="FedAvg fixed-point iterations")
         for name in ("rtol", "atol"):

@@ -1,0 +1,230 @@
+r"""The noise-aware joint correction of the bottom layers: where the layer-wise answer does not match its data.
+
+Trained layers are ill-conditioned: the shared gradient's own rounding (relative :math:`2^{-24}` in float32), the
+small error every solve passes down, are amplified by :math:`1/\sigma_{\min}` of each layer's system, and the
+bottom layers' least-squares answers blow up (a trained CNN6: the image layer's input 15x its norm off, -2 dB)
+while every layer above is right to 1e-4. Their residuals say so, without the truth: the least-squares residual
+of layer :math:`l`, :math:`r_l = \max(\text{forward}, \text{gradient residual})`, sits far above its **noise
+floor**, the residual of the layer above it (the error it inherits) and the gradient dtype's precision:
+
+.. math:: r_l > \max(\tau\, r_{l+1},\ \nu\,\varepsilon_g), \qquad \tau = 30,\ \nu = 10^3 .
+
+Where that holds for one of the bottom :math:`K` = ``correct_depth`` layers, those stages are
+solved **jointly for the image** :math:`u`, from the layer-wise answer :math:`x_K` above them (its pre-activation
+:math:`z_{K-1}` and :math:`\delta_{K-1} = \partial\ell/\partial z_{K-1}` through the network above, as the fold
+computes them): with :math:`f(u;\theta) = z_{K-1}` the bottom stages,
+
+.. math:: r(u) = \Big[\frac{m\,(f(u) - z_{K-1})}{\|m\,z_{K-1}\|};\ \
+    \frac{\nabla_{\theta_k}\langle\delta_{K-1}, f(u;\theta)\rangle - g_{\theta_k}}{\|g_{\theta_k}\|}\ \ (\theta_k
+    \text{ the kernels and biases of the } K \text{ stages})\Big]
+
+(:math:`m` a ReLU's active units), minimised by a projected Levenberg-Marquardt (box :math:`\Pi`,
+:func:`jaxinv.engine.levenberg_marquardt`) from two starts: the least-squares image projected onto the box, and
+the flat image of its mean colour. The smaller residual wins: the unknown the ill-conditioned layer lost is chosen
+by the layers below it (the image lives on a 3,072-dimensional set where the 3,468 numbers of a CNN6's second
+layer input could be anything), and the projection keeps it an image. A result is never worse than the flat
+image of the recovered mean as far as the data can tell: when the best residual is not below half the flat
+image's, the flat image is returned with status ``RESULTS.fallback``. Otherwise the status is
+``RESULTS.successful`` when :math:`\|r\| \le 10^{-2}` and ``RESULTS.inconsistent`` above.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from .._maps import norm
+from .._result import LayerReport
+from .._model import Structure
+from .._priors import box_projection
+from .._results import RESULTS
+from ._block import levenberg_marquardt
+from ._layer import unactivate
+from ._options import Solver
+
+RATIO = 30.0
+"""A layer is inconsistent when its residual exceeds ``RATIO`` times the residual of the layer above."""
+FLOOR = 1e3
+"""... and ``FLOOR`` times the gradient dtype's epsilon (float32: 1.2e-4; bfloat16: 7.8)."""
+CONSISTENT = 1e-2
+"""A corrected image is ``successful`` when its joint relative residual is at most this."""
+FALLBACK = 0.5
+"""The flat image is returned unless the best answer's residual is below ``FALLBACK`` times the flat image's."""
+
+
+class Correction(NamedTuple):
+    """What :func:`correct_bottom` returns for one image."""
+
+    image: Array
+    layer_residuals: tuple[tuple[Array, Array], ...]
+    """Per bottom stage (input layer first), its forward and gradient residual at the answer (the forward rows of
+    the stages below the top one hold by construction: 0)."""
+    residual: Float[Array, ""]
+    """The joint relative residual :math:`\\|r(u)\\|` of the answer."""
+    start: Int[Array, ""]
+    """Which start won: 0 the least-squares image, 1 the flat image's LM, 2 the flat image itself (fallback)."""
+    steps: Int[Array, ""]
+    status: Int[Array, ""]
+
+
+def inconsistent_layers(residuals: Float[Array, "L ..."], eps: float) -> Array:
+    r"""Which layers' least-squares answers sit above their noise floor (module docstring):
+    :math:`r_l > \max(\tau r_{l+1}, \nu\varepsilon_g)`, for ``residuals`` ``(L, ...)`` input layer first (the head,
+    last, is never flagged). NaN residuals (no forward block) count as 0.
+
+    Example:
+        >>> inconsistent_layers(jnp.array([0.4, 3e-3, 4e-5, 1e-7]), 1.2e-7).tolist()
+        [True, False, False, False]
+    """
+    r = jnp.nan_to_num(residuals, nan=0.0)
+    above = jnp.concatenate([r[1:], jnp.zeros_like(r[:1])], axis=0)
+    flag = r > jnp.maximum(RATIO * above, FLOOR * eps)
+    return flag.at[-1].set(False)
+
+
+def bottom_residual(structure: Structure, leaves: list[Array], gleaves: list[Array], x_top: Array, label: Array,
+                    lf, depth: int):
+    r"""The joint residual :math:`u \mapsto r(u)` of the bottom ``depth`` stages (module docstring), its data from
+    ``x_top`` (the layer-wise input of stage ``depth``, shape ``(1, ...)``) and the label; and
+    :math:`u \mapsto` each stage's ``(forward, gradient)`` residual norms."""
+    stages = structure.stages
+    top = stages[depth - 1]
+
+    def upper(x):
+        h = x
+        for s in stages[depth:]:
+            h = s(h, leaves)
+        return lf(h, label.reshape((1,) + label.shape))
+
+    z, mask, delta, _ = unactivate(top, x_top, jax.grad(upper)(x_top))
+    m = jnp.ones_like(z) if mask is None else mask
+    idx = [i for s in stages[:depth] for i in (s.nodes.kernel_leaf, s.nodes.bias_leaf) if i >= 0]
+    tiny = jnp.finfo(z.dtype).tiny
+
+    def lower(u, lv):
+        h = u
+        for s in stages[: depth - 1]:
+            h = s(h, lv)
+        return top.affine(h, lv)
+
+    def parts(u):
+        out = [(m * (lower(u, leaves) - z)).reshape(-1) / jnp.maximum(norm(m * z), tiny)]
+        g = jax.grad(lambda lv: jnp.sum(lower(u, lv) * delta))(leaves)
+        return out + [(g[i] - gleaves[i]).reshape(-1) / jnp.maximum(norm(gleaves[i]), tiny) for i in idx]
+
+    def per_layer(u):
+        p = dict(zip(["forward"] + idx, parts(u)))
+        zero = jnp.zeros((), z.dtype)
+        return tuple((norm(p["forward"]) if k == depth - 1 else zero, norm(p[s.nodes.kernel_leaf]))
+                     for k, s in enumerate(stages[:depth]))
+
+    return lambda u: jnp.concatenate(parts(u)), per_layer
+
+
+def flat_image(x: Array, box) -> Array:
+    """The flat image of ``x``'s mean colour (mean over every axis but the last), inside ``box``."""
+    project = box_projection(box)
+    axes = tuple(range(x.ndim - 1))
+    return jnp.broadcast_to(jnp.mean(project(x), axis=axes, keepdims=True), x.shape)
+
+
+def correct_bottom(structure: Structure, leaves: list[Array], gleaves: list[Array], image: Array, x_top: Array,
+                   label: Array, lf, solver: Solver) -> Correction:
+    """The joint correction of one image (module docstring): ``image`` ``(1, *input_shape)`` the least-squares
+    answer, ``x_top`` the layer-wise input of stage ``solver.correct_depth``."""
+    depth = solver.correct_depth
+    resid, per_layer = bottom_residual(structure, leaves, gleaves, x_top, label, lf, depth)
+    project = box_projection(solver.box)
+    dtype = image.dtype
+    tol = 1e-7 if dtype == jnp.float32 else 1e-10
+
+    def lm(u0):
+        return levenberg_marquardt(resid, u0, rtol=tol, atol=tol, max_steps=300, iters=solver.correct_iters,
+                                   lam0=1e-3, project=project, factors=(0.3, 4.0))
+
+    flat = flat_image(image, solver.box)
+    xa, ca, sa = lm(project(image))
+    xb, cb, sb = lm(flat)
+    cf = norm(resid(flat))
+    ca = jnp.where(jnp.isfinite(ca), ca, jnp.inf)
+    cb = jnp.where(jnp.isfinite(cb), cb, jnp.inf)
+    best_x, best_c, start = jnp.where(ca <= cb, xa, xb), jnp.minimum(ca, cb), jnp.where(ca <= cb, 0, 1)
+    fall = ~(best_c < FALLBACK * cf)
+    x = jnp.where(fall, flat, best_x)
+    c = jnp.where(fall, cf, best_c)
+    status = jnp.where(fall, int(RESULTS.fallback),
+                       jnp.where(c <= CONSISTENT, int(RESULTS.successful), int(RESULTS.inconsistent)))
+    return Correction(x, per_layer(x), c, jnp.where(fall, 2, start).astype(jnp.int32), (sa + sb).astype(jnp.int32),
+                      status.astype(jnp.int32))
+
+
+def can_correct(structure: Structure, solver: Solver) -> bool:
+    """Whether the correction applies: it is on, and the bottom ``correct_depth`` stages are plain layers below
+    the head (blocks are solved jointly already)."""
+    d = solver.correct_depth
+    st = structure.stages
+    return solver.correct and d < len(st) and all(s.nodes.kind == "layer" for s in st[:d])
+
+
+def gradient_eps(grads_dtype, compute_dtype) -> float:
+    """The precision the data carry: the larger epsilon of the shared gradient's dtype and the attack's."""
+    return max(float(jnp.finfo(grads_dtype).eps), float(jnp.finfo(compute_dtype).eps))
+
+
+
+def apply_correction(structure: Structure, leaves: list[Array], gleaves: list[Array], image: Array, label: Array,
+                     reports: tuple[LayerReport, ...], layer_inputs: tuple[Array, ...], lf, solver: Solver,
+                     eps: float, stacked: bool, traced: bool):
+    """The correction inside an attack: flag the inconsistent layers of every image, mark them
+    ``RESULTS.inconsistent``, and (when :func:`can_correct`) correct the images whose bottom layers are flagged.
+
+    ``image`` ``(B, *input_shape)``, ``label`` ``(B,)``, ``reports``/``layer_inputs`` the fold's (stacked over
+    ``B`` when ``stacked``). Returns ``(image, reports, layer_inputs)``; untouched when no image needs it (checked
+    on the host unless ``traced``)."""
+    r = jnp.stack([jnp.fmax(jnp.nan_to_num(rep.forward_residual, nan=0.0), rep.gradient_residual)
+                   for rep in reports])
+    flags = inconsistent_layers(r, eps)
+    reports = tuple(eqx.tree_at(lambda q: q.status, rep,
+                                jnp.where(f & (rep.status == int(RESULTS.successful)), int(RESULTS.inconsistent),
+                                          rep.status).astype(jnp.int32))
+                    for rep, f in zip(reports, flags))
+    depth = solver.correct_depth
+    if not can_correct(structure, solver):
+        return image, reports, layer_inputs
+    need = jnp.any(flags[:depth], axis=0).reshape(-1)
+    if not traced and not bool(jnp.any(need)):
+        return image, reports, layer_inputs
+    B = image.shape[0]
+    g = gleaves if stacked else [a[None] for a in gleaves]
+
+    def one(gl, x, top, y):
+        return correct_bottom(structure, leaves, gl, x[None], top[None], y, lf, solver)
+
+    c = jax.vmap(one)(g, image, layer_inputs[depth], label.reshape(B))
+    pick = lambda new, old: jnp.where(need.reshape((B,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+    image = pick(c.image.reshape(image.shape), image)
+    def bottom_inputs(x):
+        hs, h = [], x[None]
+        for st in structure.stages[:depth]:
+            hs.append(h[0])
+            h = st(h, leaves)
+        return hs
+
+    inputs = list(layer_inputs)
+    inputs[:depth] = [pick(a.reshape(b.shape), b) for a, b in zip(jax.vmap(bottom_inputs)(image), layer_inputs)]
+    shape = lambda a: a.reshape(reports[0].status.shape)  # noqa: E731
+    new_reports = list(reports)
+    for k in range(depth):
+        rep = reports[k]
+        fres, gres = c.layer_residuals[k]
+        keep = lambda new, old: shape(jnp.where(need, new, old.reshape(-1)))  # noqa: E731
+        extra = c.steps if k == 0 else 0
+        new_reports[k] = eqx.tree_at(
+            lambda q: (q.forward_residual, q.gradient_residual, q.status, q.steps), rep,
+            (keep(fres, rep.forward_residual), keep(gres, rep.gradient_residual),
+             keep(c.status, rep.status).astype(jnp.int32), shape(rep.steps.reshape(-1) + jnp.where(need, extra, 0))))
+    return image, tuple(new_reports), tuple(inputs)
