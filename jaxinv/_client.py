@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from ._checks import positive_int
 from ._gradient import LOSSES
+
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+"""The precisions a client may share its gradient in."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +30,9 @@ class Client:
             given).
         local_steps: ``K``, the client's local SGD steps before it shares (1: a plain gradient).
         local_lr: :math:`\\eta`, the client's learning rate; required when ``local_steps > 1``.
+        dtype: the precision the client shares its gradient in (``"float32"``, ``"bfloat16"``, ``"float16"``,
+            ``"float64"``); ``None``: the model's parameters' dtype. Its rounding is noise the attack inherits
+            (:func:`jaxinv.security` counts it).
 
     Raises:
         ValueError: at construction, naming the field and the fix.
@@ -43,8 +50,12 @@ class Client:
     batch_size: int | None = None
     local_steps: int = 1
     local_lr: float | None = None
+    dtype: str | None = None
 
     def __post_init__(self):
+        if self.dtype is not None:
+            if self.dtype not in DTYPES:
+                raise ValueError(f"Client: dtype must be one of {DTYPES} or None (the model's), got {self.dtype!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"Client: loss must be one of {LOSSES}, got {self.loss!r}")
         if self.batch_size is not None:
@@ -67,3 +78,10 @@ class Client:
     def fedavg(self) -> bool:
         """Whether the shared object is a multi-step FedAvg update (``local_steps > 1``)."""
         return self.local_steps > 1
+
+    def rounded(self, grads):
+        """``grads`` as the client shares them: rounded to ``dtype`` (and back to their own dtype); unchanged when
+        ``dtype`` is ``None``."""
+        if self.dtype is None:
+            return grads
+        return jax.tree_util.tree_map(lambda a: a.astype(self.dtype).astype(a.dtype), grads)

@@ -141,7 +141,8 @@ def validate_grads(model: Model, grads: PyTree, *, allow_batch: bool = True) -> 
     Returns the flat leaves and the number of stacked targets (``None`` when the leaves have exactly the
     parameters' shapes, ``T`` when every leaf has one extra leading axis of size ``T``: independent targets).
     Raises an error naming the first path that does not match; non-finite values raise when the gradient is
-    concrete (under ``jit`` they surface as a non-finite reconstruction with a failed status).
+    concrete (under ``jit`` they surface as a non-finite reconstruction with a failed status). Leaves in another
+    floating dtype (a bfloat16 or float16 gradient) are cast, exactly, to their parameter's dtype.
     """
     ptree = jax.tree_util.tree_structure(model.params)
     try:
@@ -183,7 +184,14 @@ def validate_grads(model: Model, grads: PyTree, *, allow_batch: bool = True) -> 
                 f"grads[{path!r}] has {int(np.sum(~np.isfinite(a)))} non-finite value(s) (NaN/inf): the client's "
                 "gradient overflowed or was corrupted; recompute it (float32 overflow? lower the learning rate)"
             )
-    return [jnp.asarray(g) for g in gl], (batch or None)
+    out = []
+    for path, g, p in zip(paths, gl, pl):
+        g = jnp.asarray(g)
+        if not jnp.issubdtype(g.dtype, jnp.floating):
+            raise TypeError(f"grads[{path!r}] has dtype {g.dtype}; a gradient is floating point (float32, bfloat16, "
+                            "float16 or float64)")
+        out.append(g.astype(jnp.asarray(p).dtype))  # a lower-precision gradient (bfloat16) is read exactly
+    return out, (batch or None)
 
 
 def stacked_gradients(model: Model, images: jax.Array, labels: jax.Array) -> Any:

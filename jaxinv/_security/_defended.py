@@ -17,12 +17,17 @@ import numpy as np
 from .. import metrics
 from .._client import Client
 from .._fedavg import shared_gradients
-from .._gradient import client_gradient, num_labels, stacked_gradients
+from .._gradient import client_gradient, label_shape, loss_fn, num_labels, stacked_gradients
+from .._maps import layer_pass
 from .._model import Model
 from ..engine import copa
 from ._pass import natural_probes
 from ._report import LayerSecurity
-from ._score import defended_verdict
+from ._score import defended_verdict, precision_verdict
+
+
+PRECISION_DB = 3.0
+"""The verdict names the gradient's precision when it lowers the score by more than this (dB)."""
 
 
 def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray, *, key, input_shape=None,
@@ -66,6 +71,36 @@ def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray
     return gains, mse
 
 
+def precision_psnr(model: Model, probes: np.ndarray, *, key, input_shape=None, client: Client | None = None
+                   ) -> tuple[float, np.ndarray]:
+    r"""What the gradient's own precision leaves of the input: the engine's attack on natural probes.
+
+    The probes' gradients (random labels) are computed at the model's weights in its dtype, rounded to the
+    client's ``dtype`` (:meth:`jaxinv.Client.rounded`) and inverted by :func:`jaxinv.copa` (with its noise-aware
+    correction), labels known. Trained layers amplify the rounding (relative :math:`2^{-24}` in float32) by their
+    conditioning; that is what a float32 client's gradient hides, and no rank count sees it.
+
+    Returns:
+        ``(PSNR of the box-clipped reconstructions against the probes, dB; per layer, input layer first, the median
+        over the probes of the relative error of its reconstructed input)``.
+    """
+    client = Client() if client is None else client
+    shape = model.resolve_input_shape(input_shape)
+    structure = model.structure(shape)
+    x = jnp.asarray(probes, structure.dtype)
+    y = jax.random.randint(key, (x.shape[0],), 0, num_labels(model, shape))
+    g = client.rounded(stacked_gradients(model, x, y))
+    rec = copa(model, g, label=y, input_shape=shape, client=Client(loss=client.loss, dtype=client.dtype))
+    leaves = jax.tree_util.tree_leaves(model.params)
+    lf = loss_fn(client.loss, math.prod(structure.stages[-1].nodes.x_out.shape))
+    truth = [layer_pass(structure.stages, leaves, x[i:i + 1], y[i], lf)[0] for i in range(x.shape[0])]
+    errs = np.array([[float(jnp.linalg.norm(rec.layer_inputs[l][i] - truth[i][l][0])
+                            / jnp.maximum(jnp.linalg.norm(truth[i][l][0]), 1e-30)) for i in range(x.shape[0])]
+                     for l in range(len(structure.stages))])
+    mse = float(np.mean((np.clip(np.asarray(rec.image, np.float64), 0, 1) - np.asarray(x, np.float64)) ** 2))
+    return float(-10 * np.log10(max(mse, 1e-30))), np.median(errs, axis=1)
+
+
 def batch_psnr(model: Model, batch_size: int, *, key, input_shape=None, client: Client | None = None,
                defence: Callable | None = None) -> float:
     r"""PSNR (dB) of :func:`jaxinv.copa` on one gradient of ``batch_size`` natural probes (:func:`natural_probes`,
@@ -98,11 +133,19 @@ def under_client(model: Model, layers: tuple[LayerSecurity, ...], score: float, 
       the change to the gradient adds (:func:`noise_propagation` of ``probes``, key ``fold_in(key, 1)``),
       :math:`-10\log_{10}(10^{-s/10} + \mathrm{MSE}_D)`; every layer gets its ``noise_gain``.
 
+    * always (classification models): the gradient's own precision (``client.dtype``, default the model's):
+      the score is at most the PSNR of the engine on the probes' rounded gradients (:func:`precision_psnr`, key
+      ``fold_in(key, 3)``), every layer gets its ``precision_error``; the other settings start from that score.
+
     Returns:
-        ``(layers, fields)``: the layers (with their noise gains) and the :class:`jaxinv.SecurityReport` fields
-        that change (``score``, ``verdict``, ``defence``, ``score_undefended``, ``noise_mse``); no fields for a
-        plain gradient.
+        ``(layers, fields)``: the layers (with their precision errors and noise gains) and the
+        :class:`jaxinv.SecurityReport` fields that change (``score``, ``verdict``, ``precision``, ``score_exact``,
+        ``defence``, ``score_undefended``, ``noise_mse``).
     """
+    exact = score
+    precision, fields = _precision(model, layers, score, client, probes, key, input_shape)
+    if precision is not None:
+        layers, score = precision
     batch_size = client.batch_size or 1
     if batch_size > 1:
         name = " -> ".join([f"batch(B={batch_size})"] + ([getattr(defence, "name", "defence")] if defence else []))
@@ -113,10 +156,14 @@ def under_client(model: Model, layers: tuple[LayerSecurity, ...], score: float, 
             raise ValueError(f"security(batch_size={batch_size}) runs the batch layer-wise attack on probes, which "
                              f"cannot run on {model.name!r}: {str(e).splitlines()[0]}") from None
         shared = min(batch, score)
-        return layers, dict(score=shared, verdict=defended_verdict(shared, name, score), defence=name,
-                            score_undefended=score)
+        return layers, fields | dict(score=shared, verdict=defended_verdict(shared, name, score), defence=name,
+                                     score_undefended=score)
     if defence is None and client.local_lr is None:
-        return layers, {}
+        if score < exact - PRECISION_DB:
+            fields |= dict(score=score, verdict=precision_verdict(layers, score, exact, fields["precision"]))
+        elif precision is not None:
+            fields |= dict(score=score)
+        return layers, fields
     names = ([f"fedavg(K={client.local_steps}, lr={float(client.local_lr):g})"] if client.local_lr is not None
              else []) + ([getattr(defence, "name", getattr(defence, "__name__", "defence"))] if defence is not None
                          else [])
@@ -129,5 +176,19 @@ def under_client(model: Model, layers: tuple[LayerSecurity, ...], score: float, 
                          f"cannot run on {model.name!r}: {str(e).splitlines()[0]}") from None
     layers = tuple(dataclasses.replace(r, noise_gain=float(gn)) for r, gn in zip(layers, gains))
     shared = float(-10 * np.log10(10 ** (-score / 10) + mse))
-    return layers, dict(score=shared, verdict=defended_verdict(shared, name, score), defence=name,
-                        score_undefended=score, noise_mse=mse)
+    return layers, fields | dict(score=shared, verdict=defended_verdict(shared, name, score), defence=name,
+                                 score_undefended=score, noise_mse=mse)
+
+
+def _precision(model: Model, layers: tuple[LayerSecurity, ...], score: float, client: Client, probes, key,
+               input_shape) -> tuple[tuple[tuple[LayerSecurity, ...], float] | None, dict]:
+    """The score under the gradient's precision (:func:`precision_psnr`, key ``fold_in(key, 3)``): the layers with
+    their ``precision_error`` and ``min(score, PSNR)``; ``None`` for a segmentation model (not analysed yet)."""
+    structure = model.structure(input_shape)
+    dtype = client.dtype or str(jnp.dtype(structure.dtype))
+    if label_shape(structure.stages[-1].nodes.x_out.shape[1:]):
+        return None, {}
+    psnr, errs = precision_psnr(model, probes, key=jax.random.fold_in(key, 3), input_shape=input_shape,
+                                client=client)
+    layers = tuple(dataclasses.replace(r, precision_error=float(e)) for r, e in zip(layers, errs))
+    return (layers, min(score, psnr)), dict(precision=dtype, score_exact=score)

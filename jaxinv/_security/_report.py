@@ -51,6 +51,8 @@ class LayerSecurity:
         seconds: wall time of this layer's analysis.
         noise_gain: with a ``defence`` (:func:`jaxinv.security`): the RMS change of this layer's reconstructed input per
             unit RMS change the defence makes to the gradient entries (NaN without a defence).
+        precision_error: the median relative error of this layer's input as :func:`jaxinv.copa` reconstructs it
+            from natural probes' gradients in the client's precision (:func:`jaxinv._security.precision_psnr`).
     """
 
     index: int
@@ -79,6 +81,7 @@ class LayerSecurity:
     exact: bool
     seconds: float
     noise_gain: float = float("nan")
+    precision_error: float = float("nan")
 
     @property
     def rank_deficit(self) -> int:
@@ -159,6 +162,8 @@ class SecurityReport:
         defence: the defence the score accounts for (its name), ``None`` for the gradient as shared; then
             ``score_undefended`` is the score without it and ``noise_mse`` the image error the defence adds
             (:func:`jaxinv._security.noise_propagation`), and each layer's ``noise_gain`` is filled in.
+        precision: the dtype the gradient is shared in (its rounding is always counted); ``score_exact``: the score
+            of the systems alone, at infinite precision (``score`` is at most it).
     """
 
     model: str
@@ -177,6 +182,8 @@ class SecurityReport:
     defence: str | None = None
     score_undefended: float = float("nan")
     noise_mse: float = float("nan")
+    precision: str = ""
+    score_exact: float = float("nan")
 
     @property
     def deficiencies(self) -> tuple[int, ...]:
@@ -202,6 +209,10 @@ class SecurityReport:
         lines.append("-" * len(head))
         lines.append(f"COPA index {self.copa_index}   R-GAP index {self.rgap_index}   "
                      f"score (predicted attack PSNR) {self.score:.1f} dB   rank tolerance {self.tolerance:g}")
+        if self.precision:
+            errs = ", ".join(f"{r.path} {r.precision_error:.1e}" for r in self.layers)
+            lines.append(f"{self.precision} gradient: {self.score_exact:.1f} dB at infinite precision; relative error "
+                         f"of each layer's reconstructed input: {errs}")
         if self.defence is not None:
             line = f"under {self.defence}: score {self.score_undefended:.1f} -> {self.score:.1f} dB"
             if math.isfinite(self.noise_mse):
@@ -230,7 +241,8 @@ class SecurityReport:
             "rgap_index": self.rgap_index, "score": self.score, "verdict": self.verdict,
             "advice": [a.to_dict() for a in self.advice], "delta_source": self.delta_source, "label": self.label,
             "tolerance": self.tolerance, "seconds": self.seconds, "defence": self.defence,
-            "score_undefended": self.score_undefended, "noise_mse": self.noise_mse,
+            "score_undefended": self.score_undefended, "noise_mse": self.noise_mse, "precision": self.precision,
+            "score_exact": self.score_exact,
             "layers": [r.to_dict() for r in self.layers],
             "rgap_layers": [dataclasses.asdict(r) for r in self.rgap_layers],
         })

@@ -82,6 +82,21 @@ def verdict_of(layers: tuple[LayerSecurity, ...], score: float) -> str:
 
 
 
+def precision_verdict(layers: tuple[LayerSecurity, ...], score: float, exact: float, dtype: str) -> str:
+    """The verdict when the gradient's precision, not the systems' ranks, limits the attack: the category of
+    ``score`` and the highest layer whose reconstructed input is more than 10 % off (``precision_error``)."""
+    lost = [r for r in layers[:-1] if r.precision_error > 0.1]
+    where = (f"hides the input from {lost[-1].path} down (its input {lost[-1].precision_error:.0%} off)" if lost
+             else "blurs the input")
+    why = (f"the {dtype} gradient's rounding, amplified by ill-conditioned layers, {where}: predicted {score:.0f} dB "
+           f"({exact:.0f} dB at infinite precision)")
+    if score >= LEAK_DB:
+        return f"LEAKS: the input is recoverable from the gradient, though {why}"
+    if score >= SAFE_DB:
+        return f"PARTIAL: a recognisable but inexact reconstruction is expected: {why}"
+    return f"RESISTANT: the layer-wise attacks are not expected to reconstruct the input: {why}"
+
+
 def defended_verdict(score: float, name: str, clean: float) -> str:
     """The verdict under defence ``name`` (its score ``score``; ``clean`` without it)."""
     tail = f"under defence {name} (predicted {score:.0f} dB, {clean:.0f} dB without it)"

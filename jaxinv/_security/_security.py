@@ -227,7 +227,8 @@ def security(
     score = predict_psnr(layers, float(np.mean(probe_imgs.astype(np.float64) ** 2)))
     layers, shared = under_client(model, layers, score, client=client, defence=defence, probes=probe_imgs, key=k_p,
                                   input_shape=shape)
-    fields = dict(score=score, verdict=verdict_of(layers, score)) | shared
+    fields = {"score": score} | shared
+    fields.setdefault("verdict", verdict_of(layers, fields["score"]))
     return SecurityReport(
         model=model.name, input_shape=tuple(shape), layers=layers, copa_index=ci, rgap_index=ri, rgap_layers=rl,
         advice=advise(layers, structure, fields["score"]), delta_source=source, label=-1 if lshape else int(y),

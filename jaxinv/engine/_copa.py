@@ -37,7 +37,7 @@ from ._down import down_jit, down_step
 from ._fedavg import fedavg_fixed_point
 from ._fold import as_fold_step, fold_down, is_traced, map_jit, timed
 from ._head import head_jit, head_step
-from ._joint import apply_correction, gradient_eps
+from ._joint import apply_correction, distance_status, gradient_eps
 from ._options import Solver, batching_mode, layerwise_options
 from ._refine import Pullback, as_pullback
 from ._seg import copa_seg
@@ -167,9 +167,11 @@ def copa(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None =
     labels = lab.reshape(-1)
     image, reports, inputs = apply_correction(
         structure, jax.tree_util.tree_leaves(model.params), gleaves, fold.x.reshape((B,) + structure.input_shape),
-        labels, fold.reports, fold.layer_inputs, loss_fn(loss, n_out), solver, gradient_eps(grads_dtype, structure.dtype),
+        labels, fold.reports, fold.layer_inputs, loss_fn(loss, n_out), solver,
+        gradient_eps(grads_dtype, client.dtype, structure.dtype),
         T is not None, traced)
     dist = target_distances(model, image, labels, gleaves, loss, n_out, T is not None)
+    reports = distance_status(reports, dist)
     total = jnp.nan if traced else time.perf_counter() - t_start
     return Reconstruction(
         image=image, label=labels, layers=reports, attack="copa",

@@ -7,7 +7,9 @@ while every layer above is right to 1e-4. Their residuals say so, without the tr
 of layer :math:`l`, :math:`r_l = \max(\text{forward}, \text{gradient residual})`, sits far above its **noise
 floor**, the residual of the layer above it (the error it inherits) and the gradient dtype's precision:
 
-.. math:: r_l > \max(\tau\, r_{l+1},\ \nu\,\varepsilon_g), \qquad \tau = 30,\ \nu = 10^3 .
+.. math:: r_l > \max(\tau\, r_{l+1},\ \min(\nu\,\varepsilon_g, 10^{-2})), \qquad \tau = 30,\ \nu = 10^3,
+
+or grossly, :math:`r_l > 0.1` (a gradient no input produced).
 
 Where that holds for one of the bottom :math:`K` = ``correct_depth`` layers, those stages are
 solved **jointly for the image** :math:`u`, from the layer-wise answer :math:`x_K` above them (its pre-activation
@@ -49,7 +51,10 @@ from ._options import Solver
 RATIO = 30.0
 """A layer is inconsistent when its residual exceeds ``RATIO`` times the residual of the layer above."""
 FLOOR = 1e3
-"""... and ``FLOOR`` times the gradient dtype's epsilon (float32: 1.2e-4; bfloat16: 7.8)."""
+"""... and ``FLOOR`` times the gradient dtype's epsilon (float32: 1.2e-4), at most :data:`CONSISTENT`."""
+GROSS = 0.1
+"""A layer whose residual exceeds this is inconsistent whatever the layers above it (a gradient that no input
+produced: noise, another model's, a heavy defence)."""
 CONSISTENT = 1e-2
 """A corrected image is ``successful`` when its joint relative residual is at most this."""
 FALLBACK = 0.5
@@ -73,8 +78,8 @@ class Correction(NamedTuple):
 
 def inconsistent_layers(residuals: Float[Array, "L ..."], eps: float) -> Array:
     r"""Which layers' least-squares answers sit above their noise floor (module docstring):
-    :math:`r_l > \max(\tau r_{l+1}, \nu\varepsilon_g)`, for ``residuals`` ``(L, ...)`` input layer first (the head,
-    last, is never flagged). NaN residuals (no forward block) count as 0.
+    :math:`r_l > \max(\tau r_{l+1}, \nu\varepsilon_g)`, or :math:`r_l >` :data:`GROSS` (the head: only that), for
+    ``residuals`` ``(L, ...)`` input layer first. NaN residuals (no forward block) count as 0.
 
     Example:
         >>> inconsistent_layers(jnp.array([0.4, 3e-3, 4e-5, 1e-7]), 1.2e-7).tolist()
@@ -82,8 +87,8 @@ def inconsistent_layers(residuals: Float[Array, "L ..."], eps: float) -> Array:
     """
     r = jnp.nan_to_num(residuals, nan=0.0)
     above = jnp.concatenate([r[1:], jnp.zeros_like(r[:1])], axis=0)
-    flag = r > jnp.maximum(RATIO * above, FLOOR * eps)
-    return flag.at[-1].set(False)
+    flag = (r > jnp.maximum(RATIO * above, min(FLOOR * eps, CONSISTENT))) | (r > GROSS)
+    return flag.at[-1].set(r[-1] > GROSS)
 
 
 def bottom_residual(structure: Structure, leaves: list[Array], gleaves: list[Array], x_top: Array, label: Array,
@@ -170,9 +175,10 @@ def can_correct(structure: Structure, solver: Solver) -> bool:
     return solver.correct and d < len(st) and all(s.nodes.kind == "layer" for s in st[:d])
 
 
-def gradient_eps(grads_dtype, compute_dtype) -> float:
-    """The precision the data carry: the larger epsilon of the shared gradient's dtype and the attack's."""
-    return max(float(jnp.finfo(grads_dtype).eps), float(jnp.finfo(compute_dtype).eps))
+def gradient_eps(*dtypes) -> float:
+    """The precision the data carry: the largest epsilon of the shared gradient's dtype(s) and the attack's
+    (``None`` entries are skipped)."""
+    return max(float(jnp.finfo(d).eps) for d in dtypes if d is not None)
 
 
 
@@ -228,3 +234,13 @@ def apply_correction(structure: Structure, leaves: list[Array], gleaves: list[Ar
             (keep(fres, rep.forward_residual), keep(gres, rep.gradient_residual),
              keep(c.status, rep.status).astype(jnp.int32), shape(rep.steps.reshape(-1) + jnp.where(need, extra, 0))))
     return image, tuple(new_reports), tuple(inputs)
+
+
+def distance_status(reports: tuple[LayerReport, ...], distance: Array) -> tuple[LayerReport, ...]:
+    """The truth-free final check: the image layer's status becomes ``RESULTS.inconsistent`` (unless already
+    failed) where the reconstruction's own gradient is farther than :data:`GROSS` from the shared one
+    (:attr:`jaxinv.Reconstruction.gradient_distance`, one per target)."""
+    rep = reports[0]
+    bad = (distance.reshape(rep.status.shape) > GROSS) & (rep.status == int(RESULTS.successful))
+    status = jnp.where(bad, int(RESULTS.inconsistent), rep.status).astype(jnp.int32)
+    return (eqx.tree_at(lambda q: q.status, rep, status),) + tuple(reports[1:])
