@@ -31,6 +31,7 @@ from jaxtyping import Array, Int, PyTree
 from .._client import Client
 from .._gradient import check_labels, loss_fn, label_shape, resolve_loss, target_distances, validate_grads
 from .._model import Model
+from .._priors import project_box
 from .._result import Reconstruction
 from ._batch import copa_batch
 from ._down import down_jit, down_step
@@ -170,6 +171,8 @@ def copa(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None =
         labels, fold.reports, fold.layer_inputs, loss_fn(loss, n_out), solver,
         gradient_eps(grads_dtype, client.dtype, structure.dtype),
         T is not None, traced)
+    image = project_box(image, solver.box)  # the input lies in the box: the projection only moves toward it
+    inputs = (image,) + inputs[1:]
     dist = target_distances(model, image, labels, gleaves, loss, n_out, T is not None)
     reports = distance_status(reports, dist)
     total = jnp.nan if traced else time.perf_counter() - t_start

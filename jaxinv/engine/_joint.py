@@ -82,7 +82,7 @@ def inconsistent_layers(residuals: Float[Array, "L ..."], eps: float) -> Array:
     ``residuals`` ``(L, ...)`` input layer first. NaN residuals (no forward block) count as 0.
 
     Example:
-        >>> inconsistent_layers(jnp.array([0.4, 3e-3, 4e-5, 1e-7]), 1.2e-7).tolist()
+        >>> inconsistent_layers(jnp.array([0.4, 1e-3, 4e-5, 1e-7]), 1.2e-7).tolist()
         [True, False, False, False]
     """
     r = jnp.nan_to_num(residuals, nan=0.0)

@@ -33,8 +33,9 @@ class Solver(eqx.Module):
             not match its data (:mod:`jaxinv.engine._joint`): trained layers amplify the gradient's own rounding.
         correct_depth: how many bottom layers (image layer first) the correction solves jointly for the image.
         correct_iters: Levenberg-Marquardt iterations of the correction, per start.
-        box: the model's input range ``(lo, hi)`` (``(0, 1)`` for :mod:`jaxinv.zoo` models), the set the
-            correction projects onto and whose flat image is the fallback; ``None``: unbounded.
+        box: the model's input range ``(lo, hi)`` (``(0, 1)`` for :mod:`jaxinv.zoo` models): the reconstruction
+            is projected onto it (which only moves it toward any input inside), the correction projects onto it
+            and its flat image is the fallback; ``None``: unbounded (the raw least-squares image).
 
     Example:
         >>> Solver(max_steps=500).tolerances(jnp.float32)

@@ -1,0 +1,131 @@
+"""The noise-aware engine and metric on a trained model: the gradient's precision, the joint correction of the
+bottom layers, the flat-image fallback and truthful statuses (jaxinv.engine._joint, jaxinv.security precision)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import psnr, tiny_cnn
+
+import jaxinv
+from jaxinv import RESULTS, data
+from jaxinv.engine import Solver, inconsistent_layers
+
+SIZE = 16
+HELD_OUT = ("hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
+
+
+@functools.cache
+def trained():
+    """A CNN-6-like network (three leaky-ReLU convolutions, stride 2, 2, 1) at initialisation and after 300 Adam
+    steps on the photo task (99 % training accuracy)."""
+    net = tiny_cnn([(12, 4, 2, 1), (24, 3, 2, 1), (24, 3, 1, 1)], ["leaky_relu:0.2"] * 3 + ["identity"], size=SIZE,
+                   classes=4)
+    task = data.photo_task(256, size=SIZE, key=jax.random.key(0))
+    return jaxinv.zoo.train(net, task, steps=(0, 300), key=jax.random.key(1))
+
+
+@functools.cache
+def photos():
+    return jnp.stack([data.load_photo(p, size=SIZE) for p in HELD_OUT])
+
+
+def gradients(model, dtype=None):
+    x = photos()
+    g = jax.vmap(lambda xi: jaxinv.client_gradient(model, xi[None], jnp.zeros((1,), jnp.int32)))(x)
+    return g if dtype is None else jax.tree_util.tree_map(lambda a: a.astype(dtype), g)
+
+
+def test_training_reaches_the_operating_point():
+    c0, c1 = trained()
+    assert c1.accuracy > 0.9 > c0.accuracy
+
+
+def test_bfloat16_gradient_is_accepted_and_the_correction_recovers_what_rounding_hid():
+    model = trained()[1].model
+    g = gradients(model, jnp.bfloat16)
+    lab = jnp.zeros(4, jnp.int32)
+    plain = jaxinv.copa(model, g, label=lab, solver=Solver(correct=False))
+    fixed = jaxinv.copa(model, g, label=lab)
+    x = photos()
+    before = np.array([psnr(plain.image[i], x[i]) for i in range(4)])
+    after = np.array([psnr(fixed.image[i], x[i]) for i in range(4)])
+    # the first photo's bottom layer does not match its data (flagged), and the joint correction fixes it
+    assert int(plain.layers[0].status[0]) == RESULTS.inconsistent
+    assert after[0] > before[0] + 5, (before, after)
+    assert np.all(after > before - 1.0), (before, after)
+    assert np.all(np.asarray(fixed.image) >= 0) and np.all(np.asarray(fixed.image) <= 1)  # projected on the box
+    assert float(fixed.gradient_distance[0]) < float(plain.gradient_distance[0])
+
+
+def test_no_correction_where_every_layer_matches():
+    """At initialisation every residual sits at its floor: the default is bit-identical to correct=False."""
+    model = trained()[0].model
+    g = gradients(model)
+    lab = jnp.zeros(4, jnp.int32)
+    a = jaxinv.copa(model, g, label=lab)
+    b = jaxinv.copa(model, g, label=lab, solver=Solver(correct=False))
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.ok
+    assert min(psnr(a.image[i], photos()[i]) for i in range(4)) > 60
+
+
+def test_a_gradient_no_image_produced_falls_back_to_the_flat_image():
+    model = trained()[1].model
+    g = gradients(model)
+    noise = jax.tree_util.tree_map(
+        lambda a: jax.random.normal(jax.random.key(5), a[:1].shape) * jnp.std(a), g)
+    rec = jaxinv.copa(model, noise, label=jnp.zeros(1, jnp.int32))
+    assert not rec.ok
+    assert int(rec.layers[0].status[0]) == RESULTS.fallback
+    img = np.asarray(rec.image[0])
+    np.testing.assert_allclose(img, np.broadcast_to(img.mean((0, 1)), img.shape), atol=1e-6)  # flat
+    assert np.all((img >= 0) & (img <= 1))
+    assert "flat image" in RESULTS.fallback.message
+
+
+def test_bfloat16_lowers_the_score_of_a_trained_model_and_raises_its_noise_floor():
+    model = trained()[1].model
+    f32 = jaxinv.security(model, key=jax.random.key(0))
+    bf16 = jaxinv.security(model, key=jax.random.key(0), client=jaxinv.Client(dtype="bfloat16"))
+    assert f32.precision == "float32" and bf16.precision == "bfloat16"
+    assert bf16.score < f32.score - 20, (bf16.score, f32.score)
+    assert bf16.score_exact == pytest.approx(f32.score_exact)
+    assert bf16.layers[0].precision_error > 10 * f32.layers[0].precision_error
+    assert "bfloat16" in bf16.verdict
+    assert "bfloat16" in bf16.table()
+    assert bf16.to_dict()["precision"] == "bfloat16"
+
+
+def test_correction_in_float64(x64):
+    model = trained()[1].model
+    m64 = jaxinv.from_fn(model.apply_fn, jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.params),
+                         input_shape=(SIZE, SIZE, 3))
+    g = jax.tree_util.tree_map(lambda a: a[:1].astype(jnp.float64), gradients(model, jnp.bfloat16))
+    plain = jaxinv.copa(m64, g, label=jnp.zeros(1, jnp.int32), solver=Solver(correct=False))
+    fixed = jaxinv.copa(m64, g, label=jnp.zeros(1, jnp.int32))
+    assert fixed.image.dtype == jnp.float64
+    x = photos()[0].astype(jnp.float64)
+    assert psnr(fixed.image[0], x) > psnr(plain.image[0], x) + 5
+
+
+def test_inconsistent_layers_rule():
+    eps = float(jnp.finfo(jnp.float32).eps)
+    r = jnp.array([0.4, 1e-3, 4e-5, 1e-7])
+    assert inconsistent_layers(r, eps).tolist() == [True, False, False, False]
+    # every layer grossly off (a random gradient): all flagged, the head included
+    assert inconsistent_layers(jnp.array([0.5, 0.6, 0.7, 0.8]), eps).tolist() == [True] * 4
+    # a bfloat16 gradient: its floor is 1e-2, the same small residuals are not flagged
+    assert not any(inconsistent_layers(jnp.array([5e-3, 1e-5, 1e-6, 0.0]), 2.0 ** -7).tolist())
+
+
+def test_solver_options_validate():
+    assert Solver(box=[0, 1]).box == (0.0, 1.0)
+    with pytest.raises(ValueError, match="correct_depth"):
+        Solver(correct_depth=0)
+    with pytest.raises(ValueError, match="box"):
+        Solver(box=(1.0, 0.0))
+    with pytest.raises(ValueError, match="dtype"):
+        jaxinv.Client(dtype="int8")
