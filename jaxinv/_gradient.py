@@ -83,7 +83,9 @@ def check_labels(y, n: int, *, name: str = "label"):
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return eqx.error_if(y, (y < 0) | (y >= n), f"{name} out of range [0, {n})")
     if vals.size and (vals.min() < 0 or vals.max() >= n):
-        raise ValueError(f"{name}={vals.tolist()} is out of range: the model has {n} classes, labels are in [0, {n})")
+        bad = vals[(vals < 0) | (vals >= n)].ravel()
+        shown = vals.tolist() if vals.size <= 8 else f"[{bad.size} of {vals.size} out of range, e.g. {bad[:4].tolist()}]"
+        raise ValueError(f"{name}={shown} is out of range: the model has {n} classes, labels are in [0, {n})")
     return y
 
 

@@ -105,7 +105,7 @@ def train(model: Model, task: Any, *, steps: Sequence[int] = (0, 100, 300, 1000)
     def run(params, state, start, n):
         def body(i, carry):
             params, state = carry
-            idx = jax.random.randint(jax.random.fold_in(key, i), (batch_size,), 0, images.shape[0])
+            idx = jax.random.randint(jax.random.fold_in(key, i), (batch_size,), 0, images.shape[0], jnp.int32)
             g = jax.grad(objective)(params, images[idx], labels[idx])
             updates, state = opt.update(g, state, params)
             return optax.apply_updates(params, updates), state

@@ -195,11 +195,11 @@ def sample_images(n: int, *, size: int = 32, key: PRNGKeyArray) -> Float[Array, 
     check_key(key, required=True)
     names = photo_names()
     order_key, crop_key = jax.random.split(key)
-    order = np.asarray(jax.random.permutation(order_key, len(names)))
+    order = np.asarray(jax.random.permutation(order_key, np.arange(len(names), dtype=np.int32)))
     images = [_thumbnail(names[i], size) for i in order[:n]]
     for i in range(n - len(images)):
         # A fixed-shape draw per crop: one compiled kernel whatever n is.
-        u = np.asarray(jax.random.uniform(jax.random.fold_in(crop_key, i), (4,)))
+        u = np.asarray(jax.random.uniform(jax.random.fold_in(crop_key, i), (4,), jnp.float32))
         images.append(_crop(names[min(int(u[0] * len(names)), len(names) - 1)], size, u[1:]))
     return jnp.asarray(np.stack(images))
 
@@ -257,14 +257,18 @@ def photo_task(n: int, *, size: int = 32, photos: tuple[str, ...] | None = None,
     n = positive_int(n, "n", "photo_task")
     size = positive_int(size, "size", "photo_task")
     check_key(key, "photo_task", required=True)
+    if isinstance(photos, str):
+        raise TypeError(f"photo_task: photos must be a sequence of photo names, e.g. ('astronaut', 'chelsea'), got "
+                        f"the string {photos!r}")
     classes = photo_names()[:4] if photos is None else tuple(photos)
-    for name in classes:
-        _check_name(name)
+    unknown = [p for p in classes if p not in _PHOTOS]
+    if unknown:
+        raise ValueError(f"photo_task: photos has unknown name(s) {unknown}; choose from {', '.join(_PHOTOS)}")
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise ValueError(f"photo_task: photos must name at least 2 distinct photos of photo_names(), got {classes!r}")
     label_key, crop_key = jax.random.split(key)
-    labels = np.asarray(jax.random.permutation(label_key, np.arange(n) % len(classes)), np.int32)
-    draws = np.asarray(jax.random.uniform(crop_key, (n, 3)))
+    labels = np.asarray(jax.random.permutation(label_key, np.arange(n, dtype=np.int32) % len(classes)), np.int32)
+    draws = np.asarray(jax.random.uniform(crop_key, (n, 3), jnp.float32))  # the same draws with x64 on
     images = np.stack([_crop(classes[k], size, u) for k, u in zip(labels, draws)])
     return Task(jnp.asarray(images), jnp.asarray(labels), classes)
 
