@@ -459,7 +459,7 @@ def test_unknown_or_clashing_keyword():
     model, _, grads = tiny()
     key = jax.random.key(0)
     with pytest.raises(TypeError, match=r"ig\(\) got unexpected keyword argument\(s\) steps; its options are .*"
-                                        r"Client \(loss, batch_size, local_steps, local_lr\).*IGOptions \(max_steps"):
+                                        r"Client \(loss, batch_size, local_steps, local_lr, dtype\).*IGOptions \(max_steps"):
         ig(model, grads, key=key, steps=5)
     with pytest.raises(TypeError, match=r"dlg\(\) got unexpected keyword argument\(s\) tv_weight"):
         dlg(model, grads, key=key, tv_weight=1e-4)

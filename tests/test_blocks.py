@@ -175,8 +175,9 @@ def test_max_pooling_block_metric_and_copa(c):
         assert b.deficiency >= b.unknowns - b.forward_rows - b.gradient_rows > 0
         assert "RESISTANT" in rep.verdict and psnr(rec.image, x) < 20.0
     else:
-        assert b.deficiency == 0 and rep.score > 60.0
-        assert psnr(rec.image, x) > 18.0
+        # determined (the systems' score), but what the engine reaches on the probes is what the score predicts
+        assert b.deficiency == 0 and rep.score_exact > 60.0 and rep.score <= rep.score_exact
+        assert psnr(rec.image, x) > 18.0 and rep.score > 15.0
 
 
 def test_resnet_norm_variants_build():

@@ -74,7 +74,7 @@ def test_underdetermined_layer_gives_min_norm_solution(x64):
     model = plain_cnn([(1, 3, 2, 0)], [jnp.tanh, ident], dtype=jnp.float64)
     x = photo("astronaut").astype(np.float64)
     g = jaxinv.client_gradient(model, x, jnp.array([1]))
-    rec = jaxinv.copa(model, g, label=1, max_steps=5000)
+    rec = jaxinv.copa(model, g, label=1, max_steps=5000, box=None)  # the raw least-squares answer
     r0 = rec.layers[0]
     assert r0.unknowns == 768 and r0.forward_rows == 49 and r0.gradient_rows == 27
     # the dense oracle: numpy's minimum-norm least squares on the same (norm-balanced) stacked system
