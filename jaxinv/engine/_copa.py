@@ -144,6 +144,8 @@ def copa(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None =
         if T is None:
             label = label.reshape(())
     pb = as_pullback(refine)
+    if pb is not None and pb.box != solver.box:
+        solver = dataclasses.replace(solver, box=pb.box)  # the refinement's input box is the image's
     blocks = structure.blocks
     if pb is not None and blocks:
         raise ValueError(f"pullback is not supported on models with blocks ({', '.join(blocks)}): a block is solved "
