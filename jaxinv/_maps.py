@@ -122,6 +122,16 @@ def solver_status(result) -> jax.Array:
     return jnp.where(result == R.successful, int(RESULTS.successful), code).astype(jnp.int32)
 
 
+def stage_inputs(stages: Sequence[Stage], leaves: list[jax.Array], x: jax.Array) -> list[jax.Array]:
+    r"""Each stage's input :math:`x_{l-1}` for one example ``x`` (no batch axis), input layer first: the forward
+    pass alone (:func:`layer_pass` adds the pre-activations and deltas)."""
+    ins, h = [], x[None]
+    for s in stages:
+        ins.append(h[0])
+        h = s(h, leaves)
+    return ins
+
+
 def layer_pass(stages: Sequence[Stage], leaves: list[jax.Array], x: jax.Array, label: jax.Array,
                lf: Callable[[jax.Array, jax.Array], jax.Array]):
     r"""One example's pass through the layers: every layer's input :math:`x_{l-1}` (and the output, last),

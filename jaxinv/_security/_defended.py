@@ -17,8 +17,8 @@ import numpy as np
 from .. import metrics
 from .._client import Client
 from .._fedavg import shared_gradients
-from .._gradient import client_gradient, label_shape, loss_fn, num_labels, stacked_gradients
-from .._maps import layer_pass
+from .._gradient import client_gradient, label_shape, num_labels, stacked_gradients
+from .._maps import stage_inputs
 from .._model import Model
 from ..engine import copa
 from ._pass import natural_probes
@@ -92,11 +92,11 @@ def precision_psnr(model: Model, probes: np.ndarray, *, key, input_shape=None, c
     g = client.rounded(stacked_gradients(model, x, y))
     rec = copa(model, g, label=y, input_shape=shape, client=Client(loss=client.loss, dtype=client.dtype))
     leaves = jax.tree_util.tree_leaves(model.params)
-    lf = loss_fn(client.loss, math.prod(structure.stages[-1].nodes.x_out.shape))
-    truth = [layer_pass(structure.stages, leaves, x[i:i + 1], y[i], lf)[0] for i in range(x.shape[0])]
-    errs = np.array([[float(jnp.linalg.norm(rec.layer_inputs[l][i] - truth[i][l][0])
-                            / jnp.maximum(jnp.linalg.norm(truth[i][l][0]), 1e-30)) for i in range(x.shape[0])]
-                     for l in range(len(structure.stages))])
+    truth = jax.jit(jax.vmap(lambda xi: stage_inputs(structure.stages, leaves, xi)))(x)
+    flat = lambda a: jnp.reshape(a, (x.shape[0], -1))  # noqa: E731
+    errs = np.stack([np.asarray(jnp.linalg.norm(flat(r - t), axis=1) / jnp.maximum(jnp.linalg.norm(flat(t), axis=1),
+                                                                                     jnp.finfo(t.dtype).tiny))
+                     for r, t in zip(rec.layer_inputs, truth)])
     mse = float(np.mean((np.clip(np.asarray(rec.image, np.float64), 0, 1) - np.asarray(x, np.float64)) ** 2))
     return float(-10 * np.log10(max(mse, 1e-30))), np.median(errs, axis=1)
 
@@ -159,10 +159,10 @@ def under_client(model: Model, layers: tuple[LayerSecurity, ...], score: float, 
         return layers, fields | dict(score=shared, verdict=defended_verdict(shared, name, score), defence=name,
                                      score_undefended=score)
     if defence is None and client.local_lr is None:
-        if score < exact - PRECISION_DB:
-            fields |= dict(score=score, verdict=precision_verdict(layers, score, exact, fields["precision"]))
-        elif precision is not None:
-            fields |= dict(score=score)
+        if precision is not None:
+            fields["score"] = score
+            if score < exact - PRECISION_DB:
+                fields["verdict"] = precision_verdict(layers, score, exact, fields["precision"])
         return layers, fields
     names = ([f"fedavg(K={client.local_steps}, lr={float(client.local_lr):g})"] if client.local_lr is not None
              else []) + ([getattr(defence, "name", getattr(defence, "__name__", "defence"))] if defence is not None

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from .._maps import norm
+from .._maps import norm, stage_inputs
 from .._result import LayerReport
 from .._model import Structure
 from .._priors import box_projection
@@ -213,15 +213,9 @@ def apply_correction(structure: Structure, leaves: list[Array], gleaves: list[Ar
     c = jax.vmap(one)(g, image, layer_inputs[depth], label.reshape(B))
     pick = lambda new, old: jnp.where(need.reshape((B,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
     image = pick(c.image.reshape(image.shape), image)
-    def bottom_inputs(x):
-        hs, h = [], x[None]
-        for st in structure.stages[:depth]:
-            hs.append(h[0])
-            h = st(h, leaves)
-        return hs
-
+    bottom = jax.vmap(lambda x: stage_inputs(structure.stages[:depth], leaves, x))(image)
     inputs = list(layer_inputs)
-    inputs[:depth] = [pick(a.reshape(b.shape), b) for a, b in zip(jax.vmap(bottom_inputs)(image), layer_inputs)]
+    inputs[:depth] = [pick(a.reshape(b.shape), b) for a, b in zip(bottom, layer_inputs)]
     shape = lambda a: a.reshape(reports[0].status.shape)  # noqa: E731
     new_reports = list(reports)
     for k in range(depth):
