@@ -64,6 +64,26 @@ class Activation:
         raise ValueError(f"unknown activation {n!r}")
 
     @property
+    def kinked(self) -> bool:
+        """Whether the derivative jumps (ReLU, leaky ReLU): what :meth:`smoothed` smooths."""
+        return self.name in ("relu", "leaky_relu")
+
+    def smoothed(self, z, t=None):
+        r"""The activation with its kink smoothed at temperature ``t`` (exact when ``t`` is ``None`` or the
+        activation has no kink): :math:`a z + (1 - a)\,t\,\mathrm{softplus}(z / t)` for a leaky ReLU of slope
+        :math:`a` (ReLU: :math:`a = 0`), which tends to it as :math:`t \to 0` (continuation for the joint solves).
+
+        Example:
+            >>> act = Activation("leaky_relu", 0.2)
+            >>> [round(float(v), 4) for v in act.smoothed(jnp.array([-1.0, 0.0, 1.0]), 0.01)]
+            [-0.2, 0.0055, 1.0]
+        """
+        if t is None or not self.kinked:
+            return self(z)
+        a = self.param if self.name == "leaky_relu" else 0.0
+        return a * z + (1 - a) * t * jax.nn.softplus(z / t)
+
+    @property
     def invertible(self) -> bool:
         """Whether :math:`s^{-1}` exists on the activation's image."""
         return self.name in ("identity", "tanh", "sigmoid", "leaky_relu", "elu", "softplus")

@@ -129,3 +129,19 @@ def test_solver_options_validate():
         Solver(box=(1.0, 0.0))
     with pytest.raises(ValueError, match="dtype"):
         jaxinv.Client(dtype="int8")
+
+
+def test_smoothed_kink_tends_to_the_activation_and_is_exact_without_a_kink():
+    Activation = jaxinv.Activation
+    z = jnp.linspace(-2.0, 2.0, 41)
+    for act in (Activation("leaky_relu", 0.01), Activation("relu")):
+        assert act.kinked
+        a = act.param or 0.0
+        for t in (0.3, 0.03, 0.003):
+            gap = jnp.max(jnp.abs(act.smoothed(z, t) - act(z)))
+            assert float(gap) == pytest.approx((1 - a) * t * np.log(2), rel=1e-3)  # largest at the kink
+        slope = jax.grad(lambda v: act.smoothed(v, 0.1))(0.0)
+        assert float(slope) == pytest.approx((1 + a) / 2, rel=1e-5)  # no jump: halfway between the branches
+        assert jnp.array_equal(act.smoothed(z, None), act(z))
+    tanh = Activation("tanh")
+    assert not tanh.kinked and jnp.array_equal(tanh.smoothed(z, 0.1), tanh(z))
