@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import jaxinv
-from jaxinv import UnsupportedModelError, zoo
+from jaxinv import UnsupportedModelError, data, zoo
 from jaxinv.engine import LayerSystem, loss_fn
 # the metric's counting rules and score (and, monkeypatched, its certificate size limits) are internals
 from jaxinv._security import RANK_TOL, count_conv_rank, predict_psnr, rgap_analysis
 from jaxinv._security import _certificates as certificates
 
-from helpers import tiny_cnn
+from helpers import psnr, tiny_cnn
 
 
 def _tiny(convs=((4, 3, 1, 0),), acts=("tanh", "identity"), shape=(8, 8, 2), classes=3, seed=0, **kw):
@@ -378,3 +378,18 @@ def test_security_runs_in_float64_with_the_same_ranks(x64):
     assert [l.rank for l in r64.layers] == [l.rank for l in r32.layers]
     # underdetermined: the score is the lost energy of the probes, estimated in each precision (here 9.8 vs 11.2 dB)
     assert math.isfinite(r64.score) and abs(r64.score - r32.score) < 3.0, (r64.score, r32.score)
+
+
+def test_the_pullback_counts_in_the_score_of_a_rank_deficient_chain():
+    """A rank-deficient first convolution (4x4 stride 2 on 16x16: 132 lost directions): the systems' score models
+    COPA's minimum-norm solve (13 dB), but COPA with the pull-back constraints recovers much more on real photos
+    (32.6 dB measured); the score is the best layer-wise attack's, so it rises toward it (22 dB measured) and does
+    not pass it."""
+    model = tiny_cnn([(6, 4, 2, 1), (6, 3, 1, 1)], ["tanh"] * 2 + ["identity"], classes=4)
+    rep = jaxinv.security(model, key=jax.random.key(0))
+    assert rep.deficiencies[0] > 0
+    x = jnp.stack([data.load_photo(p, size=16) for p in ("hubble_deep_field", "retina", "motorcycle")])
+    g = jax.vmap(lambda xi: jaxinv.client_gradient(model, xi[None], jnp.zeros((1,), jnp.int32)))(x)
+    rec = jaxinv.copa(model, g, label=jnp.zeros(3, jnp.int32), refine=True)
+    pullback = float(np.mean([psnr(rec.image[i], x[i]) for i in range(3)]))
+    assert rep.score_exact + 5 < rep.score < pullback + 3, (rep.score_exact, rep.score, pullback)

@@ -64,9 +64,12 @@ SAFE_DB = 15.0  # below this, no faithful reconstruction is expected from the la
 def verdict_of(layers: tuple[LayerSecurity, ...], score: float) -> str:
     """``LEAKS`` / ``PARTIAL`` / ``RESISTANT`` (by :data:`LEAK_DB`, :data:`SAFE_DB`) and one sentence why."""
     defic = [r for r in layers if r.deficiency > 0]
-    if score >= LEAK_DB:
+    if score >= LEAK_DB and not defic:
         return ("LEAKS: the input is fully recoverable from the gradient (every layer's system is determined; "
                 f"predicted reconstruction {score:.0f} dB)")
+    if score >= LEAK_DB:
+        return (f"LEAKS: the input is recoverable from the gradient ({score:.0f} dB): {len(defic)} layer(s) are "
+                "rank-deficient, but the pull-back constraints (the layer below, the pixel box) fill what they lose")
     if score >= SAFE_DB:
         gain = max((r.inverse_gain for r in layers[:-1]), default=1.0)
         why = (f"{len(defic)} layer(s) are rank-deficient" if defic else

@@ -48,6 +48,10 @@ from ._layer import fit_status, layer_report
 from ._options import Solver
 
 
+LAM_STALL = 1e8
+"""Levenberg-Marquardt stops once its damping exceeds this multiple of its start (stalled)."""
+
+
 def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_steps: int, iters: int, lam0=1e-2,
                         project: Callable | None = None, factors: tuple[float, float] = (0.1, 10.0)):
     r"""Minimise :math:`\|r(x)\|^2` by Levenberg-Marquardt, matrix-free.
@@ -57,7 +61,9 @@ def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_st
     :math:`x' = \Pi(x + d)` (``project``: e.g. the input box; identity by default), accepts it when the residual
     decreases (then :math:`\lambda \leftarrow f_\downarrow\lambda`), else rejects it and
     :math:`\lambda \leftarrow f_\uparrow\lambda` (``factors``). ``lam0`` should be on the scale of
-    :math:`J^\top J` (residual blocks normalised to 1 give :math:`\|J\| \approx 1`).
+    :math:`J^\top J` (residual blocks normalised to 1 give :math:`\|J\| \approx 1`). Stops after ``iters``
+    iterations, or once :math:`\lambda > 10^{8}\lambda_0` (:data:`LAM_STALL`: the steps have shrunk by that
+    factor below Gauss-Newton's, so the iteration has stalled, e.g. on a kink of the residual).
 
     Returns:
         ``(x, |r(x)|, total LSMR steps)``.
@@ -68,8 +74,12 @@ def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_st
     def cost(x):
         return norm(resid(x))
 
-    def body(_, carry):
-        x, c, lam, steps = carry
+    def go(carry):
+        i, _, _, lam, _ = carry
+        return (i < iters) & (lam < lam_stall)
+
+    def body(carry):
+        i, x, c, lam, steps = carry
         r, lin = jax.linearize(resid, x)
         sq = jnp.sqrt(lam)
         op = lx.FunctionLinearOperator(lambda d: (lin(d), sq * d), x_struct)
@@ -78,11 +88,13 @@ def levenberg_marquardt(resid: Callable, x0, *, rtol: float, atol: float, max_st
         xn = x + sol.value if project is None else project(x + sol.value)
         cn = cost(xn)
         ok = jnp.isfinite(cn) & (cn < c)
-        return (jnp.where(ok, xn, x), jnp.where(ok, cn, c), jnp.where(ok, lam * factors[0], lam * factors[1]),
+        return (i + 1, jnp.where(ok, xn, x), jnp.where(ok, cn, c),
+                jnp.where(ok, lam * factors[0], lam * factors[1]),
                 steps + jnp.asarray(sol.stats.get("num_steps", 0), jnp.int32))
 
-    init = (x0, cost(x0), jnp.asarray(lam0, dtype), jnp.zeros((), jnp.int32))
-    x, c, _, steps = jax.lax.fori_loop(0, iters, body, init)
+    lam_stall = jnp.asarray(LAM_STALL * lam0, dtype)
+    init = (jnp.zeros((), jnp.int32), x0, cost(x0), jnp.asarray(lam0, dtype), jnp.zeros((), jnp.int32))
+    _, x, c, _, steps = jax.lax.while_loop(go, body, init)
     return x, c, steps
 
 
