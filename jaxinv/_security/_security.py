@@ -137,7 +137,10 @@ def security(
       them, i.e. from a forward/backward pass on the :func:`jaxinv.copa` reconstruction with the recovered label.
 
     The expected lost energy (and so the score) is measured on synthetic natural-image probes
-    (:func:`jaxinv._security.natural_probes`) rather than on the analysed input.
+    (:func:`jaxinv._security.natural_probes`) rather than on the analysed input. The score is then capped by what
+    the engine reaches on the probes' gradients rounded to the client's precision (the median probe's PSNR,
+    :func:`jaxinv._security.precision_psnr`) and, on a rank-deficient chain without blocks, raised to what COPA
+    with the pull-back constraints reaches on them: it predicts the best layer-wise attack.
 
     **How** (:mod:`jaxinv._security._certificates`): float64 pivoted Cholesky on Gram matrices of exact float32
     entries, with relative tolerance :data:`jaxinv._security.RANK_TOL` on the balanced operator; convolutions use the
@@ -187,7 +190,7 @@ def security(
         >>> model = jaxinv.from_linen(module, variables, input_shape=(32, 32, 3))
         >>> rep = jaxinv.security(model, key=jax.random.key(1))
         >>> rep.copa_index, rep.verdict.split(":")[0]
-        (-2266, 'RESISTANT')
+        (-2266, 'PARTIAL')
         >>> print(rep.table().splitlines()[0])
         security of 'ZooNet', input (32, 32, 3) (deltas: gradient of a uniform [0, 1] random input)
         >>> rep = jaxinv.security(model, key=jax.random.key(1), client=jaxinv.Client(batch_size=4))  # doctest: +SKIP
