@@ -68,8 +68,8 @@ def verdict_of(layers: tuple[LayerSecurity, ...], score: float) -> str:
         return ("LEAKS: the input is fully recoverable from the gradient (every layer's system is determined; "
                 f"predicted reconstruction {score:.0f} dB)")
     if score >= LEAK_DB:
-        return (f"LEAKS: the input is recoverable from the gradient ({score:.0f} dB): {len(defic)} layer(s) are "
-                "rank-deficient, but the pull-back constraints (the layer below, the pixel box) fill what they lose")
+        return (f"LEAKS: the input is recoverable from the gradient (predicted reconstruction {score:.0f} dB), "
+                f"although {len(defic)} layer(s) are rank-deficient: what they lose costs the attack little")
     if score >= SAFE_DB:
         gain = max((r.inverse_gain for r in layers[:-1]), default=1.0)
         why = (f"{len(defic)} layer(s) are rank-deficient" if defic else
