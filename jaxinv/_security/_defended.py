@@ -197,7 +197,7 @@ def _precision(model: Model, layers: tuple[LayerSecurity, ...], score: float, cl
     gradients :math:`p` (:func:`precision_psnr`, key ``fold_in(key, 3)``). Where a layer below the head is
     rank-deficient and the chain has no blocks, COPA with the pull-back constraints chooses the lost directions
     by the layer below, the pixel box and smoothness, and recovers more than the minimum-norm solve the systems'
-    score models (R-GAP's CNN3-c1 after training: 10-13 dB by COPA, 23-24 dB with the pull-back): its PSNR on the
+    score models (R-GAP's CNN3-c1 after training, 4 photos: 18-19 dB by COPA, 24-26 dB with the pull-back): its PSNR on the
     same probes :math:`p_{pb}` counts, and the score is :math:`\max(\min(s, p), p_{pb})`.
 
     Returns:
