@@ -397,7 +397,10 @@ def markdown(res) -> str:
     L = [f"# Trained checkpoints: security score vs attacks{' (QUICK)' if cfg['quick'] else ''}", "",
          f"{res['environment']}. jaxinv from `{res['jaxinv_file']}` (git {res.get('git') or '?'}). Tag: "
          f"`{cfg['tag'] or '-'}`. Total wall time {res.get('total_seconds', 0):.0f} s"
-         f"{'' if res.get('finished') else ' (UNFINISHED: partial results)'}.", "",
+         f"{'' if res.get('finished') else ' (UNFINISHED: partial results)'}"
+         + (f"; security recomputed, attacks kept from `{cfg['rescored_from']}`" if cfg.get("rescored_from") else "")
+         + (f", IG's from `{cfg['ig_from']}` (IG's code unchanged between the runs)" if cfg.get("ig_from") else "")
+         + ".", "",
          f"Training: photo_task({TRAIN['n']}, key 0), Adam lr {TRAIN['lr']}, batch {TRAIN['batch_size']}, key "
          f"{TRAIN['train_key']}; held-out accuracy on photo_task({TRAIN['heldout_n']}, key 1) (4 classes, chance "
          f"0.25). Targets: {', '.join(cfg['photos'])} (whole 32x32 thumbnails, never trained on), photo i with "
@@ -509,6 +512,42 @@ def git_head():
 
 
 # --------------------------------------------------------------------------------------------------------- main
+def with_ig(point, ig_points) -> dict:
+    """``point`` with IG's result from ``ig_points`` (``{(arch, step): point}``) where it has none."""
+    q = ig_points.get((point["arch"], point["step"]))
+    if "ig" in point["attacks"] or q is None or "ig" not in q["attacks"]:
+        return point
+    if q.get("photos") != point.get("photos") or q.get("labels") != point.get("labels"):
+        return point
+    return {**point, "attacks": {**point["attacks"], "ig": q["attacks"]["ig"]},
+            "mean": {**point["mean"], "ig": mean_or_none(q["attacks"]["ig"]["psnr"])}}
+
+
+def rescore(res, source: Path, archs, steps, done, train_task, cache, stem, log, ig_from: Path | None = None):
+    """The points of ``source`` with their security analysis recomputed by this jaxinv (attacks kept; IG's
+    filled in from ``ig_from`` where missing)."""
+    old = json.loads(source.read_text())
+    ig_points = {} if ig_from is None else {(p["arch"], p["step"]): p
+                                            for p in json.loads(ig_from.read_text())["points"]}
+    res["config"] = {**old["config"], "tag": res["config"]["tag"], "rescored_from": str(source),
+                     "ig_from": None if ig_from is None else str(ig_from)}
+    res["points"] = [with_ig(p, ig_points) for p in res["points"]]
+    t_start = time.perf_counter()
+    for p in old["points"]:
+        if p["arch"] not in archs or p["step"] not in steps or (p["arch"], p["step"]) in done:
+            continue
+        model = checkpoints(p["arch"], (p["step"],), train_task, cache, log)[p["step"]][0]
+        sec = security_summary(model)
+        res["points"].append(with_ig({**p, "security": sec}, ig_points))
+        res["total_seconds"] = time.perf_counter() - t_start
+        write(res, stem)
+        log(f"{p['arch']:<13} step {p['step']:>4}  score {f1(sec.get('score')):>5} "
+            f"{(sec.get('category') or 'ERR'):<9} best {f1(p['mean'].get('best'))}  ({sec.get('seconds', 0):.0f} s)")
+    res["finished"] = True
+    write(res, stem)
+    log(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="archs cnn2_c1, cnn6_head10, lenet; steps 0, 300; "
@@ -524,6 +563,11 @@ def main(argv=None):
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "jaxinv_bench"), help="checkpoint cache")
     ap.add_argument("--no-cache", action="store_true", help="train every checkpoint afresh, write no cache")
     ap.add_argument("--resume", action="store_true", help="keep the points already in the output JSON")
+    ap.add_argument("--rescore", metavar="JSON", help="recompute only the security analysis; every attack result "
+                    "(and accuracy) is kept from this earlier output (the attacks do not depend on the metric)")
+    ap.add_argument("--ig-from", metavar="JSON", help="with --rescore: IG's results taken from this earlier output "
+                    "where the kept one has none (same arch, step, photos and labels; only valid when IG's code has "
+                    "not changed between the two runs)")
     args = ap.parse_args(argv)
 
     archs = tuple(args.archs.split(",")) if args.archs else (QUICK_ARCHS if args.quick else ARCHS)
@@ -576,6 +620,10 @@ def main(argv=None):
     t_start = time.perf_counter()
     train_task = data.photo_task(TRAIN["n"], size=TRAIN["size"], key=jax.random.key(TRAIN["task_key"]))
     held = data.photo_task(TRAIN["heldout_n"], size=TRAIN["size"], key=jax.random.key(TRAIN["heldout_key"]))
+    if args.rescore:
+        rescore(res, Path(args.rescore), archs, steps, done, train_task, cache, stem, log,
+                ig_from=Path(args.ig_from) if args.ig_from else None)
+        return
     for name in archs:
         todo = [s for s in steps if (name, s) not in done]
         if not todo:
