@@ -5,12 +5,13 @@ Its modules, bottom to top: ``_blas`` (OpenBLAS threads), ``_rank`` (numerical r
 ``_layer_maps`` (a layer's maps, batched: :class:`LayerMaps`), ``_conv`` (a convolution's structure, tiles),
 ``_report`` (the result types), ``_pass`` (the representative pass, :func:`natural_probes`), ``_certificates``
 (one layer's rank certificate), ``_counting`` (:func:`count_conv_rank`, :func:`rgap_analysis`, :func:`copa_index`),
-``_score`` (:func:`predict_psnr`, the verdict), ``_advice``, ``_defended`` (:func:`noise_propagation`,
-:func:`batch_psnr`, the score under the client's setting), ``_security`` (the entry, :func:`security`).
+``_score`` (:func:`predict_psnr`, the verdict), ``_advice``, ``_defended`` (:func:`model_labels`,
+:func:`precision_psnr`, :func:`noise_propagation`, :func:`batch_psnr`, the score under the client's setting),
+``_security`` (the entry, :func:`security`).
 """
 
 from ._counting import copa_index, count_conv_rank, rgap_analysis
-from ._defended import batch_psnr, noise_propagation
+from ._defended import batch_psnr, model_labels, noise_propagation, precision_psnr
 from ._layer_maps import LayerMaps
 from ._pass import natural_probes
 from ._rank import RANK_TOL
@@ -32,8 +33,10 @@ __all__ = [
     "blamed_layer",
     "copa_index",
     "count_conv_rank",
+    "model_labels",
     "natural_probes",
     "noise_propagation",
+    "precision_psnr",
     "predict_psnr",
     "rgap_analysis",
     "security",

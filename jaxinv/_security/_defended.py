@@ -27,23 +27,25 @@ from ._score import defended_verdict, precision_verdict
 
 
 PRECISION_DB = 3.0
-"""The verdict names the gradient's precision when it lowers the score by more than this (dB)..."""
+"""The verdict names the gradient's precision when it lowers the score by more than this (dB) and the score is
+below ``INVISIBLE_DB``."""
 
 PROBE_SPREAD_DB = 10.0
 """Where the probes' precision PSNRs spread over more than this (dB), their median is taken over twice as many."""
 
 INVISIBLE_DB = 50.0
-"""... and the score is below this (dB): above it the rounding's error is far below what an image shows (8-bit
-quantisation alone is 59 dB), and the verdict keeps the systems' reason."""
+"""Above this score (dB) the rounding's error is far below what an image shows (8-bit quantisation alone is 59 dB):
+the verdict keeps the systems' reason."""
 
 
 def noise_propagation(model: Model, defence: Callable | None, probes: np.ndarray, *, key, input_shape=None,
                       client: Client | None = None) -> tuple[np.ndarray, float]:
     r"""How a defence's change to the gradient propagates through the layer-wise inversion.
 
-    For natural probe images :math:`p_j` with labels as the model would give them (:func:`model_labels`), the clean gradients :math:`g_j` and the shared ones
-    :math:`\tilde g_j = D(g_j; k_j)` are inverted by :func:`jaxinv.copa` with the labels known. With the
-    ``client``'s ``local_lr`` given the client shares weights (even after one step); with ``local_steps``
+    For natural probe images :math:`p_j` with labels as the model would give them (:func:`model_labels`), the clean
+    gradients :math:`g_j` and the shared ones :math:`\tilde g_j = D(g_j; k_j)` are inverted by :func:`jaxinv.copa`
+    with the labels known. With the ``client``'s ``local_lr`` given the client shares weights (even after one step);
+    with ``local_steps``
     :math:`K > 1` it shares a FedAvg update, read as the first-order gradient
     :func:`jaxinv.update_as_gradient` before the defence, and COPA corrects it by simulating the steps
     (``copa(..., local_steps=K)``). Layer :math:`l`'s **noise gain** is
@@ -224,11 +226,11 @@ def _precision(model: Model, layers: tuple[LayerSecurity, ...], score: float, cl
     gradients :math:`p` (:func:`precision_psnr`, key ``fold_in(key, 3)``): the PSNR of a typical image, the median
     over the probes. How far a trained network amplifies the rounding depends on the image and its label (a trained
     CNN6, 8 float32 probes: 13 to 38 dB), so where the probes' PSNRs spread over more than ``PROBE_SPREAD_DB`` as
-    many probes again are drawn (key ``fold_in(key, 4)``) and the median is taken over all of them. Where a layer below the head is
-    rank-deficient and the chain has no blocks, COPA with the pull-back constraints chooses the lost directions
-    by the layer below, the pixel box and smoothness, and recovers more than the minimum-norm solve the systems'
-    score models (R-GAP's CNN3-c1 after training, 4 photos: 18-19 dB by COPA, 24-26 dB with the pull-back): its PSNR on the
-    same probes :math:`p_{pb}` counts, and the score is :math:`\max(\min(s, p), p_{pb})`.
+    many probes again are drawn (key ``fold_in(key, 4)``) and the median is taken over all of them. Where a layer
+    below the head is rank-deficient and the chain has no blocks, COPA with the pull-back constraints chooses the
+    lost directions by the layer below, the pixel box and smoothness, and recovers more than the minimum-norm solve
+    the systems' score models (R-GAP's CNN3-c1 after training, 4 photos: 18-19 dB by COPA, 24-26 dB with the
+    pull-back): its PSNR on the same probes :math:`p_{pb}` counts, and the score is :math:`\max(\min(s, p), p_{pb})`.
 
     Returns:
         ``((layers with their precision_error, score), fields)``.
@@ -251,5 +253,6 @@ def _precision(model: Model, layers: tuple[LayerSecurity, ...], score: float, cl
     if any(r.deficiency > 0 for r in layers[:-1]) and not structure.blocks:
         pb = precision_psnr(model, x, y, input_shape=input_shape, client=client, refine=True)[0]
         best = max(best, float(np.median(pb)))
-    layers = tuple(dataclasses.replace(r, precision_error=float(e)) for r, e in zip(layers, np.median(errs, axis=1)))
+    errs = np.median(errs, axis=1)
+    layers = tuple(dataclasses.replace(r, precision_error=float(e)) for r, e in zip(layers, errs))
     return (layers, best), dict(precision=dtype, score_exact=score)
