@@ -610,6 +610,8 @@ def main(argv=None):
         old = json.loads(stem.with_suffix(".json").read_text())
         same = {k: v for k, v in old.get("config", {}).items() if k not in ("archs", "steps")} == \
                {k: v for k, v in json.loads(json.dumps(config)).items() if k not in ("archs", "steps")}
+        if args.rescore:  # a rescored output keeps its source's configuration
+            same = old.get("config", {}).get("rescored_from") == args.rescore
         if same:
             res["points"] = old["points"]
             done = {(p["arch"], p["step"]) for p in old["points"]}
