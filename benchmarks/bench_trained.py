@@ -570,6 +570,8 @@ def main(argv=None):
                     "not changed between the two runs)")
     args = ap.parse_args(argv)
 
+    if args.ig_from and not args.rescore:
+        ap.error("--ig-from fills in IG's results of a rescored output: give --rescore JSON as well")
     archs = tuple(args.archs.split(",")) if args.archs else (QUICK_ARCHS if args.quick else ARCHS)
     steps = tuple(int(s) for s in args.steps.split(",")) if args.steps else (QUICK_STEPS if args.quick else STEPS)
     n_photos = args.photos if args.photos is not None else (2 if args.quick else len(HELD_OUT))
