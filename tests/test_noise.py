@@ -81,9 +81,51 @@ def test_a_gradient_no_image_produced_falls_back_to_the_flat_image():
     assert not rec.ok
     assert int(rec.layers[0].status[0]) == RESULTS.fallback
     img = np.asarray(rec.image[0])
-    np.testing.assert_allclose(img, np.broadcast_to(img.mean((0, 1)), img.shape), atol=1e-6)  # flat
+    assert np.ptp(img.reshape(-1, img.shape[-1]), axis=0).max() == 0  # flat: every pixel the same colour
     assert np.all((img >= 0) & (img <= 1))
     assert "flat image" in RESULTS.fallback.message
+
+
+def test_an_answer_the_clean_gradient_does_not_support_falls_back_and_a_defended_one_stays():
+    """engine.finish: a consistent gradient (the head fits) and an answer whose gradient is grossly off and not
+    clearly closer than its flat image's -> the flat image, status fallback; the true image, or any answer under a
+    defence's noise (which the head's residual shows), is kept."""
+    model = trained()[1].model
+    x = photos()
+    lab = jnp.zeros(4, jnp.int32)
+    g = gradients(model)
+    rec = jaxinv.copa(model, g, label=lab)
+    structure = model.structure()
+    gleaves = jax.tree_util.tree_leaves(g)
+    eps = jaxinv.engine.gradient_eps(jnp.float32)
+
+    def finish(image, grads_leaves, reports):
+        return jaxinv.engine.finish(model, structure, grads_leaves, image, lab, reports, rec.layer_inputs,
+                                    "cross_entropy", Solver(), eps, True, False)
+
+    noisy = jnp.clip(x + 0.5 * jax.random.normal(jax.random.key(0), x.shape), 0, 1)  # an amplified error
+    img, reps, _, dist = finish(noisy, gleaves, rec.layers)
+    fell = np.asarray(reps[0].status) == RESULTS.fallback
+    assert fell.sum() >= 3, fell  # (the fourth's gradient is closer than half its flat image's: kept)
+    for i in range(4):
+        if fell[i]:
+            assert np.ptp(np.asarray(img[i]).reshape(-1, 3), axis=0).max() == 0
+            assert psnr(img[i], x[i]) > psnr(noisy[i], x[i]) + 3
+        else:
+            np.testing.assert_array_equal(np.asarray(img[i]), np.asarray(noisy[i]))
+    assert np.all(np.asarray(dist) > 0.1)
+    img, reps, _, _ = finish(x, gleaves, rec.layers)  # the truth matches: kept
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(x))
+    assert not np.any(np.asarray(reps[0].status) == RESULTS.fallback)
+    # a defence's noise on the gradient: the head's rows do not fit it, and the noisy answer is kept
+    d = jaxinv.defences.gaussian(0.3, relative=True)
+    gd = jax.vmap(d)(g, jax.random.split(jax.random.key(1), 4))
+    defended = jaxinv.copa(model, gd, label=lab)
+    assert np.all(np.asarray(defended.layers[-1].gradient_residual) > 1e-2)
+    reports = rec.layers[:-1] + defended.layers[-1:]  # (the bottom layers fit: no correction runs)
+    img, reps, _, dist = finish(x, jax.tree_util.tree_leaves(gd), reports)
+    assert np.all(np.asarray(dist) > 0.1)  # the truth itself is grossly off a noisy gradient
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(x))
 
 
 def test_bfloat16_lowers_the_score_of_a_trained_model_and_raises_its_noise_floor():

@@ -67,7 +67,9 @@ from ..engine import (
     as_pullback,
     balance_weights,
     down_step,
+    finish,
     fold_down,
+    gradient_eps,
     head_jit,
     is_traced,
     layer_system,
@@ -342,7 +344,7 @@ def hybrid(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None
             raise ValueError(f"hybrid: label must have shape ({T},) for {T} stacked targets, got {tuple(label.shape)}")
         if T is None:
             label = label.reshape(())
-    solver = Solver(max_steps=ho.lsq_max_steps)
+    solver = Solver(max_steps=ho.lsq_max_steps, box=ho.box)
     traced = is_traced(grads, label, model.params)
     t_start = time.perf_counter()
     head = functools.partial(head_jit, model, structure, solver=solver, loss=loss)
@@ -355,13 +357,15 @@ def hybrid(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None
     exact = jnp.ones((T,) if T is not None else (), bool)  # the head's solution is exact
     B = T if T is not None else 1
     fold = fold_down(structure, down, gleaves, (x, gx, exact, lab), rep, sec, B, traced=traced)
-    image = fold.x.reshape((B,) + structure.input_shape)
     labels = lab.reshape(-1)
-    dist = target_distances(model, image, labels, gleaves, loss, n_out, T is not None)
+    grads_dtype = jax.tree_util.tree_leaves(grads)[0].dtype
+    image, reports, inputs, dist = finish(
+        model, structure, gleaves, fold.x.reshape((B,) + structure.input_shape), labels, fold.reports,
+        fold.layer_inputs, loss, solver, gradient_eps(grads_dtype, client.dtype, structure.dtype), T is not None, traced)
     traces = [t if T is not None else t[None] for t in fold.aux]
     trace = jnp.concatenate(traces, axis=1) if traces else jnp.zeros((B, 0), image.dtype)
     total = jnp.nan if traced else time.perf_counter() - t_start
     return Reconstruction(
-        image=image, label=labels, layers=fold.reports, attack="hybrid", loss_trace=trace,
-        gradient_distance=dist, seconds=jnp.asarray(total, jnp.float32),
+        image=image, label=labels, layers=reports, attack="hybrid", loss_trace=trace,
+        gradient_distance=dist, seconds=jnp.asarray(total, jnp.float32), layer_inputs=inputs,
     )

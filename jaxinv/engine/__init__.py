@@ -13,7 +13,7 @@ from ._copa import copa
 from ._down import down_jit, down_step
 from ._fold import Fold, as_fold_step, fold_down, is_traced, stamp_seconds, timed
 from ._head import delta_of_logits, head_jit, head_step
-from ._joint import Correction, apply_correction, correct_bottom, flat_image, inconsistent_layers
+from ._joint import Correction, apply_correction, correct_bottom, finish, flat_image, gradient_eps, inconsistent_layers
 from ._layer import (
     LayerSolution,
     bias_residual,
@@ -50,7 +50,9 @@ __all__ = [
     "Correction",
     "apply_correction",
     "correct_bottom",
+    "finish",
     "flat_image",
+    "gradient_eps",
     "inconsistent_layers",
     "LayerSystem",
     "CopaOptions",

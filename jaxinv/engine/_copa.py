@@ -29,16 +29,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
 from .._client import Client
-from .._gradient import check_labels, loss_fn, label_shape, resolve_loss, target_distances, validate_grads
+from .._gradient import check_labels, label_shape, resolve_loss, validate_grads
 from .._model import Model
-from .._priors import project_box
 from .._result import Reconstruction
 from ._batch import copa_batch
 from ._down import down_jit, down_step
 from ._fedavg import fedavg_fixed_point
 from ._fold import as_fold_step, fold_down, is_traced, map_jit, timed
 from ._head import head_jit, head_step
-from ._joint import apply_correction, distance_status, gradient_eps
+from ._joint import finish, gradient_eps
 from ._options import Solver, batching_mode, layerwise_options
 from ._refine import Pullback, as_pullback
 from ._seg import copa_seg
@@ -168,15 +167,9 @@ def copa(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None =
     B = T if T is not None else 1
     fold = fold_down(structure, [as_fold_step(d) for d in down], gleaves, (x, gx), rep, sec, B, traced=traced)
     labels = lab.reshape(-1)
-    image, reports, inputs = apply_correction(
-        structure, jax.tree_util.tree_leaves(model.params), gleaves, fold.x.reshape((B,) + structure.input_shape),
-        labels, fold.reports, fold.layer_inputs, loss_fn(loss, n_out), solver,
-        gradient_eps(grads_dtype, client.dtype, structure.dtype),
-        T is not None, traced)
-    image = project_box(image, solver.box)  # the input lies in the box: the projection only moves toward it
-    inputs = (image,) + inputs[1:]
-    dist = target_distances(model, image, labels, gleaves, loss, n_out, T is not None)
-    reports = distance_status(reports, dist)
+    image, reports, inputs, dist = finish(
+        model, structure, gleaves, fold.x.reshape((B,) + structure.input_shape), labels, fold.reports,
+        fold.layer_inputs, loss, solver, gradient_eps(grads_dtype, client.dtype, structure.dtype), T is not None, traced)
     total = jnp.nan if traced else time.perf_counter() - t_start
     return Reconstruction(
         image=image, label=labels, layers=reports, attack="copa",

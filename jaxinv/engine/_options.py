@@ -30,7 +30,10 @@ class Solver(eqx.Module):
         fedavg_iters: fixed-point iterations when the shared object is a multi-step FedAvg update
             (:class:`jaxinv.Client` with ``local_steps > 1``).
         correct: run the noise-aware joint correction of the bottom layers where their least-squares answer does
-            not match its data (:mod:`jaxinv.engine._joint`): trained layers amplify the gradient's own rounding.
+            not match its data (:mod:`jaxinv.engine._joint`): trained layers amplify the gradient's own rounding;
+            and return the flat image of the answer's mean colour (status ``fallback``) where the whole gradient
+            is grossly off and not clearly closer than that flat image's (:func:`jaxinv.engine.finish`).
+            ``False``: the raw least-squares answer.
         correct_depth: how many bottom layers (image layer first) the correction solves jointly for the image.
         correct_iters: Levenberg-Marquardt iterations of the correction, per start.
         box: the model's input range ``(lo, hi)`` (``(0, 1)`` for :mod:`jaxinv.zoo` models): the reconstruction
