@@ -6,7 +6,8 @@
 
 Writes ``<out>/trained[_<tag>].json`` and ``.md`` (default ``<out>`` = ``benchmarks/out``). The JSON is rewritten
 after every (architecture, checkpoint) point, so a killed run keeps what it had; ``--resume`` skips the points
-already in it (same configuration).
+already in it (same configuration). ``--merge A.json B.json --tag T`` runs nothing and writes the points of both
+(B's replacing A's of the same architecture and step), e.g. a few points re-measured after a change.
 
 **Models.** ``jaxinv.zoo`` architectures built with ``zoo.build(name, key=jax.random.key(0))`` (PyTorch-default
 init), float32, plus ``cnn3_c3_relu`` (``zoo.make_cnn``: cnn3_c3's convolutions ``(6, 3, 1, 0), (9, 3, 1, 0)``
@@ -142,7 +143,7 @@ def checkpoints(name: str, steps, train_task, cache: Path | None, log):
     if missing:
         labels = task_labels(base, train_task.labels)
         t0 = time.perf_counter()
-        ckpts = zoo.train(base, (train_task.images, labels), steps=tuple(missing), lr=TRAIN["lr"],
+        ckpts = zoo.train(base, (train_task.images, labels), steps=tuple(sorted(missing)), lr=TRAIN["lr"],
                           batch_size=TRAIN["batch_size"], key=jax.random.key(TRAIN["train_key"]))
         sec = time.perf_counter() - t0
         log(f"  trained {name} to steps {missing} in {sec:.0f} s")
@@ -481,7 +482,7 @@ def aggregate(res):
     for s in sorted({p["step"] for p in pts}):
         sp = [p for p in pts if p["step"] == s]
         g = agreement(sp)
-        g["mean_best"] = mean_or_none([p["mean"]["best"] for p in sp])
+        g["mean_best"] = mean_or_none([p["mean"].get("best") for p in sp])
         g["mean_score"] = mean_or_none([p["security"].get("score") for p in sp])
         by_step[str(s)] = g
     res["agreement"] = {"trained": agreement(trained), "init": agreement(init), "all": agreement(pts),
@@ -521,6 +522,25 @@ def with_ig(point, ig_points) -> dict:
         return point
     return {**point, "attacks": {**point["attacks"], "ig": q["attacks"]["ig"]},
             "mean": {**point["mean"], "ig": mean_or_none(q["attacks"]["ig"]["psnr"])}}
+
+
+def merge(res, sources: list[Path], stem: Path, log, ig_from: Path | None = None):
+    """The points of ``sources``, a later file's point replacing an earlier one's of the same (arch, step); IG's
+    filled in from ``ig_from`` where missing. The configuration is the first source's, with the sources listed."""
+    outs = [json.loads(p.read_text()) for p in sources]
+    ig_points = {} if ig_from is None else {(p["arch"], p["step"]): p
+                                            for p in json.loads(ig_from.read_text())["points"]}
+    points = {}
+    for o in outs:
+        for p in o["points"]:
+            points[(p["arch"], p["step"])] = with_ig(p, ig_points)
+    res["config"] = {**outs[0]["config"], "tag": res["config"]["tag"], "merged_from": [str(p) for p in sources],
+                     "ig_from": None if ig_from is None else str(ig_from)}
+    res["git"] = " / ".join(str(o.get("git")) for o in outs)
+    res["points"] = list(points.values())
+    res["finished"] = True
+    write(res, stem)
+    log(f"merged {len(res['points'])} points into {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 
 def rescore(res, source: Path, archs, steps, done, train_task, cache, stem, log, ig_from: Path | None = None):
@@ -565,13 +585,17 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="keep the points already in the output JSON")
     ap.add_argument("--rescore", metavar="JSON", help="recompute only the security analysis; every attack result "
                     "(and accuracy) is kept from this earlier output (the attacks do not depend on the metric)")
-    ap.add_argument("--ig-from", metavar="JSON", help="with --rescore: IG's results taken from this earlier output "
-                    "where the kept one has none (same arch, step, photos and labels; only valid when IG's code has "
+    ap.add_argument("--merge", metavar="JSON", nargs="+", help="run nothing: write the points of these outputs "
+                    "(a later file's point replaces an earlier one's of the same arch and step) to --tag's output")
+    ap.add_argument("--ig-from", metavar="JSON", help="with --rescore or --merge: IG's results taken from this "
+                    "earlier output where the kept one has none (same arch, step, photos and labels; only valid when IG's code has "
                     "not changed between the two runs)")
     args = ap.parse_args(argv)
 
-    if args.ig_from and not args.rescore:
-        ap.error("--ig-from fills in IG's results of a rescored output: give --rescore JSON as well")
+    if args.ig_from and not (args.rescore or args.merge):
+        ap.error("--ig-from fills in IG's results of a rescored or merged output: give --rescore or --merge as well")
+    if args.merge and (args.rescore or args.resume):
+        ap.error("--merge runs nothing: it cannot be combined with --rescore or --resume")
     archs = tuple(args.archs.split(",")) if args.archs else (QUICK_ARCHS if args.quick else ARCHS)
     steps = tuple(int(s) for s in args.steps.split(",")) if args.steps else (QUICK_STEPS if args.quick else STEPS)
     n_photos = args.photos if args.photos is not None else (2 if args.quick else len(HELD_OUT))
@@ -621,6 +645,9 @@ def main(argv=None):
         else:
             log("--resume: the existing output has another configuration; starting afresh")
 
+    if args.merge:
+        merge(res, [Path(p) for p in args.merge], stem, log, ig_from=Path(args.ig_from) if args.ig_from else None)
+        return
     t_start = time.perf_counter()
     train_task = data.photo_task(TRAIN["n"], size=TRAIN["size"], key=jax.random.key(TRAIN["task_key"]))
     held = data.photo_task(TRAIN["heldout_n"], size=TRAIN["size"], key=jax.random.key(TRAIN["heldout_key"]))

@@ -53,7 +53,7 @@ from jaxtyping import Array, Int, PyTree
 
 from .._checks import merge_options, no_more_keywords, positive_int
 from .._client import Client
-from .._gradient import check_labels, loss_fn, resolve_loss, target_distances, validate_grads
+from .._gradient import check_labels, loss_fn, resolve_loss, validate_grads
 from .._maps import LayerSystem, norm
 from .._model import Model, Structure
 from .._priors import box_projection, check_box
