@@ -256,7 +256,9 @@ def hybrid(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None
 
     .. math:: 1 - \cos(g_{l..L}(x), g_{l..L}) + a\,\mathrm{TV}(x)\,[\text{image}] + c\,\|W(Ux - V)\|^2/\|WV\|^2
 
-    projected onto the box (image) or the activation's image (hidden layers). See the module docstring for the
+    projected onto the box (image) or the activation's image (hidden layers); then copa's last stage
+    (:func:`jaxinv.engine.finish`: the noise-aware correction of the bottom layers where they do not match their
+    data, and the flat image where the whole gradient does not support the answer). See the module docstring for the
     differences from the reference code (shared gradient only; fewer iterations with early stopping).
 
     Args:
@@ -361,7 +363,8 @@ def hybrid(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None
     grads_dtype = jax.tree_util.tree_leaves(grads)[0].dtype
     image, reports, inputs, dist = finish(
         model, structure, gleaves, fold.x.reshape((B,) + structure.input_shape), labels, fold.reports,
-        fold.layer_inputs, loss, solver, gradient_eps(grads_dtype, client.dtype, structure.dtype), T is not None, traced)
+        fold.layer_inputs, loss, solver, gradient_eps(grads_dtype, client.dtype, structure.dtype), T is not None,
+        traced)
     traces = [t if T is not None else t[None] for t in fold.aux]
     trace = jnp.concatenate(traces, axis=1) if traces else jnp.zeros((B, 0), image.dtype)
     total = jnp.nan if traced else time.perf_counter() - t_start

@@ -169,7 +169,8 @@ def copa(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None =
     labels = lab.reshape(-1)
     image, reports, inputs, dist = finish(
         model, structure, gleaves, fold.x.reshape((B,) + structure.input_shape), labels, fold.reports,
-        fold.layer_inputs, loss, solver, gradient_eps(grads_dtype, client.dtype, structure.dtype), T is not None, traced)
+        fold.layer_inputs, loss, solver, gradient_eps(grads_dtype, client.dtype, structure.dtype), T is not None,
+        traced)
     total = jnp.nan if traced else time.perf_counter() - t_start
     return Reconstruction(
         image=image, label=labels, layers=reports, attack="copa",
