@@ -101,7 +101,7 @@ def test_an_answer_the_clean_gradient_does_not_support_falls_back_and_a_defended
 
     def finish(image, grads_leaves, reports):
         return jaxinv.engine.finish(model, structure, grads_leaves, image, lab, reports, rec.layer_inputs,
-                                    "cross_entropy", Solver(), eps, True, False)
+                                    "cross_entropy", Solver(fallback=True), eps, True, False)
 
     noisy = jnp.clip(x + 0.5 * jax.random.normal(jax.random.key(0), x.shape), 0, 1)  # an amplified error
     img, reps, _, dist = finish(noisy, gleaves, rec.layers)

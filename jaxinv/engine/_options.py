@@ -31,9 +31,10 @@ class Solver(eqx.Module):
             (:class:`jaxinv.Client` with ``local_steps > 1``).
         correct: run the noise-aware joint correction of the bottom layers where their least-squares answer does
             not match its data (:mod:`jaxinv.engine._joint`): trained layers amplify the gradient's own rounding;
-            and return the flat image of the answer's mean colour (status ``fallback``) where the whole gradient
-            is grossly off and not clearly closer than that flat image's (:func:`jaxinv.engine.finish`).
             ``False``: the raw least-squares answer.
+        fallback: with ``correct``, also return the flat image of the answer's mean colour (status ``fallback``)
+            where the whole gradient is grossly off and not clearly closer than that flat image's, under a
+            consistent head (:func:`jaxinv.engine.finish`). Off by default (opt-in while it is measured).
         correct_depth: how many bottom layers (image layer first) the correction solves jointly for the image.
         correct_iters: Levenberg-Marquardt iterations of the correction, per start.
         box: the model's input range ``(lo, hi)`` (``(0, 1)`` for :mod:`jaxinv.zoo` models): the reconstruction
@@ -52,6 +53,7 @@ class Solver(eqx.Module):
     gradient_weight: float = 1.0
     fedavg_iters: int = 30
     correct: bool = True
+    fallback: bool = False
     correct_depth: int = 2
     correct_iters: int = 30
     box: tuple[float, float] | None = eqx.field(default=(0.0, 1.0), converter=lambda b: check_box(b, "Solver"))
@@ -59,8 +61,9 @@ class Solver(eqx.Module):
     def __check_init__(self):
         positive_int(self.correct_depth, "correct_depth", "Solver", what="bottom layers solved jointly")
         positive_int(self.correct_iters, "correct_iters", "Solver", what="Levenberg-Marquardt iterations")
-        if not isinstance(self.correct, bool):
-            raise ValueError(f"Solver: correct must be True or False, got {self.correct!r}")
+        for name in ("correct", "fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Solver: {name} must be True or False, got {getattr(self, name)!r}")
 
         positive_int(self.max_steps, "max_steps", "Solver", what="LSMR iterations per layer")
         positive_int(self.fedavg_iters, "fedavg_iters", "Solver", what="FedAvg fixed-point iterations")
