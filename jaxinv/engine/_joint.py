@@ -41,8 +41,9 @@ steps 18.1 -> 26.3 dB (22.6 with the correction alone); untrained LeNet and CNN6
 A result is never worse than the flat image of the recovered mean as far as the data can tell: when the best
 residual is not below half the flat image's, the flat image is returned with status ``RESULTS.fallback``.
 Otherwise the status is ``RESULTS.successful`` when :math:`\|r\| \le 10^{-2}` and ``RESULTS.inconsistent`` above.
-The same rule on the whole gradient closes every layer-wise attack (:func:`finish`): an answer whose gradient
-is grossly off and not clearly closer than the flat image's falls back to the flat image.
+The same rule on the whole gradient can close every layer-wise attack (:func:`finish`, opt-in:
+``Solver(fallback=True)``): an answer whose gradient is grossly off and not clearly closer than the flat image's
+falls back to the flat image.
 """
 
 from __future__ import annotations
