@@ -105,6 +105,12 @@ class Correction(NamedTuple):
     status: Int[Array, ""]
 
 
+def layer_residual(rep: LayerReport) -> Array:
+    """A layer's residual :math:`r_l = \max(\text{forward}, \text{gradient residual})` (no forward rows: the
+    gradient one)."""
+    return jnp.fmax(jnp.nan_to_num(rep.forward_residual, nan=0.0), rep.gradient_residual)
+
+
 def inconsistent_layers(residuals: Float[Array, "L ..."], eps: float) -> Array:
     r"""Which layers' least-squares answers sit above their noise floor (module docstring):
     :math:`r_l > \max(\tau r_{l+1}, \nu\varepsilon_g)`, or :math:`r_l >` :data:`GROSS` (the head: only that), for
@@ -241,8 +247,7 @@ def apply_correction(structure: Structure, leaves: list[Array], gleaves: list[Ar
     ``image`` ``(B, *input_shape)``, ``label`` ``(B,)``, ``reports``/``layer_inputs`` the fold's (stacked over
     ``B`` when ``stacked``). Returns ``(image, reports, layer_inputs)``; untouched when no image needs it (checked
     on the host unless ``traced``)."""
-    r = jnp.stack([jnp.fmax(jnp.nan_to_num(rep.forward_residual, nan=0.0), rep.gradient_residual)
-                   for rep in reports])
+    r = jnp.stack([layer_residual(rep) for rep in reports])
     flags = inconsistent_layers(r, eps)
     reports = tuple(eqx.tree_at(lambda q: q.status, rep,
                                 jnp.where(f & (rep.status == int(RESULTS.successful)), int(RESULTS.inconsistent),
@@ -315,8 +320,8 @@ def finish(model: Model, structure: Structure, gleaves: list[Array], image: Arra
     image, a sharded run differed from the single-device one), not yet reviewed. (``solver.correct`` off: neither
     the correction nor the fallback, the raw least-squares answer.) Measured (``benchmarks/bench_trained.py``,
     copa and copa+pb, 4 held-out photos, float32): every answer whose distance exceeded :data:`GROSS` (17 of 240:
-    LeNet-DLG after 1000 Adam steps, CNN4-c1 after 300 and 1000, a ReLU CNN) was below the flat image of the true mean; LeNet-DLG
-    1000: 8.5-12.6 dB, the flat image of the recovered mean 13.2-25.8 (the true mean's 13.3-27.8).
+    LeNet-DLG after 1000 Adam steps, CNN4-c1 after 300 and 1000, a ReLU CNN) was below the flat image of the true
+    mean; LeNet-DLG 1000: 8.5-12.6 dB, the flat image of the recovered mean 13.2-25.8 (the true mean's 13.3-27.8).
 
     ``image`` ``(B, *input_shape)``, ``labels`` ``(B, ...)``; ``reports``/``layer_inputs`` the fold's (stacked over
     ``B`` when ``stacked``). Returns ``(image, reports, layer_inputs, distance)``.
@@ -331,9 +336,7 @@ def finish(model: Model, structure: Structure, gleaves: list[Array], image: Arra
         return image, distance_status(reports, dist), (image,) + tuple(inputs[1:]), dist
     flat = jax.vmap(lambda x: flat_image(x[None], solver.box)[0])(image)
     flat_dist = target_distances(model, flat, labels, gleaves, loss, n_out, stacked)
-    head = reports[-1]
-    clean = (jnp.fmax(jnp.nan_to_num(head.forward_residual, nan=0.0), head.gradient_residual)
-             <= CONSISTENT).reshape(dist.shape)
+    clean = (layer_residual(reports[-1]) <= CONSISTENT).reshape(dist.shape)
     fell = clean & (dist > GROSS) & ~(dist < FALLBACK * flat_dist)
     image = jnp.where(fell.reshape((-1,) + (1,) * (image.ndim - 1)), flat, image)
     dist = jnp.where(fell, flat_dist, dist)
