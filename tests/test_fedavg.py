@@ -41,12 +41,18 @@ def test_one_local_step_is_the_gradient(setup):
 def test_copa_on_the_first_order_gradient_degrades_with_k_lr(setup):
     model, x, y = setup
     out = []
+    raw = jaxinv.engine.Solver(fallback=False)  # the answer itself, not the flat image a gross misfit falls back to
     for steps, lr in ((1, 0.1), (2, 1e-4), (5, 1e-3), (10, 1e-2)):  # K * lr: 0.1 (one step: exact), 2e-4, 5e-3, 0.1
         upd = jaxinv.local_update(model, x, y, steps=steps, lr=lr)
-        rec = jaxinv.copa(model, jaxinv.update_as_gradient(upd, steps=steps, lr=lr), label=3)
+        rec = jaxinv.copa(model, jaxinv.update_as_gradient(upd, steps=steps, lr=lr), label=3, solver=raw)
         out.append(psnr(np.clip(np.asarray(rec.image), 0, 1), x))
     assert out[0] > 80 and out[1] > 40 and out[3] < 15, out
     assert out[0] > out[1] > out[2] > out[3], out
+    # by default the last answer, whose gradient misses the shared one grossly, gives way to the flat image
+    rec = jaxinv.copa(model, jaxinv.update_as_gradient(upd, steps=10, lr=1e-2), label=3)
+    assert int(rec.layers[0].status) == int(jaxinv.RESULTS.fallback), rec.layers[0].message()
+    assert float(np.ptp(np.asarray(rec.image)[..., 0])) == 0.0
+    assert psnr(np.clip(np.asarray(rec.image), 0, 1), x) > out[3] + 3, out
 
 
 def test_simulated_update_objective_is_zero_at_the_truth(setup):

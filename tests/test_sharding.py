@@ -39,7 +39,13 @@ SCRIPT = textwrap.dedent("""
     diff = float(np.abs(np.asarray(rec.image) - np.asarray(ref.image)).max())
     from jaxinv import metrics
     p = np.asarray(metrics.psnr(jnp.asarray(rec.image), x))
-    print("RESULT", diff, p.min())
+    resid = max(float(np.max(np.asarray(r.gradient_residual))) for r in rec.layers)
+    statuses = {int(s) for r in rec.layers for s in np.asarray(r.status).ravel()}
+    hyb = jaxinv.attack("hybrid", model, gs, label=ys)
+    hyb_ref = jaxinv.attack("hybrid", model, one[0], label=one[1])
+    assert len(hyb.image.sharding.device_set) == 4, hyb.image.sharding
+    hdiff = float(np.abs(np.asarray(hyb.image) - np.asarray(hyb_ref.image)).max())
+    print("RESULT", diff, p.min(), resid, hdiff, sorted(statuses))
     try:
         jaxinv.shard_targets((g["params"]["Conv_0"]["kernel"][:6],))
     except ValueError as e:
@@ -54,8 +60,11 @@ def test_sharded_targets_equal_single_device(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
-    diff, worst = map(float, line.split()[1:])
-    assert diff < 1e-3 and worst > 40, line
+    diff, worst, resid, hdiff = map(float, line.split()[1:5])
+    # every target as solved on one device: left to XLA's partitioner, the vmapped kernel gradient came out wrong on
+    # the devices after the first (residuals 1.0, 95 instead of 120 dB, status inconsistent)
+    assert diff < 1e-4 and hdiff < 1e-4 and worst > 100 and resid < 1e-4, line
+    assert line.split()[5:] == ["[0]"], line  # every target successful
     err = next(l for l in out.stdout.splitlines() if l.startswith("ERROR"))
     assert "6 targets do not split over 4 devices" in err
 

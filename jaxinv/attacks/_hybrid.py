@@ -58,6 +58,7 @@ from .._maps import LayerSystem, norm
 from .._model import Model, Structure
 from .._priors import box_projection, check_box
 from .._result import Reconstruction
+from .._sharding import split_attack
 from ..engine import (
     Pullback,
     RefineResult,
@@ -315,6 +316,10 @@ def hybrid(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None
     ho = merge_options(options, HybridOptions, legacy, "hybrid")
     no_more_keywords(legacy, "hybrid", "label, input_shape, client (jaxinv.Client), options "
                      "(jaxinv.attacks.HybridOptions), refine, key")
+    split = split_attack(lambda g, lab: hybrid(model, g, label=lab, input_shape=input_shape, client=client,
+                                               options=ho, refine=refine), grads, label)
+    if split is not None:  # targets split over devices (jaxinv.shard_targets): each device solves its own
+        return split
     if client.fedavg or (client.batch_size or 1) > 1:
         raise ValueError(
             "hybrid inverts one image's gradient: a FedAvg update (local_steps > 1) or a batch (batch_size > 1) is not "

@@ -32,6 +32,7 @@ from .._client import Client
 from .._gradient import check_labels, label_shape, resolve_loss, validate_grads
 from .._model import Model
 from .._result import Reconstruction
+from .._sharding import split_attack
 from ._batch import copa_batch
 from ._down import down_jit, down_step
 from ._fedavg import fedavg_fixed_point
@@ -109,6 +110,10 @@ def copa(model: Model, grads: PyTree, *, label: int | Int[Array, "..."] | None =
         True
     """
     client, solver, refine = layerwise_options("copa", client, solver, refine, legacy)
+    split = split_attack(lambda g, lab: copa(model, g, label=lab, input_shape=input_shape, client=client,
+                                             solver=solver, refine=refine, batching=batching, key=key), grads, label)
+    if split is not None:  # targets split over devices (jaxinv.shard_targets): each device solves its own
+        return split
     if client.fedavg:
         one_step = dataclasses.replace(client, local_steps=1, local_lr=None)
 

@@ -41,9 +41,9 @@ steps 18.1 -> 26.3 dB (22.6 with the correction alone); untrained LeNet and CNN6
 A result is never worse than the flat image of the recovered mean as far as the data can tell: when the best
 residual is not below half the flat image's, the flat image is returned with status ``RESULTS.fallback``.
 Otherwise the status is ``RESULTS.successful`` when :math:`\|r\| \le 10^{-2}` and ``RESULTS.inconsistent`` above.
-The same rule on the whole gradient can close every layer-wise attack (:func:`finish`, opt-in:
-``Solver(fallback=True)``): an answer whose gradient is grossly off and not clearly closer than the flat image's
-falls back to the flat image.
+The same rule on the whole gradient closes every layer-wise attack (:func:`finish`; ``Solver(fallback=False)``
+turns it off): an answer whose gradient is grossly off and not clearly closer than the flat image's falls back to
+the flat image.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class Correction(NamedTuple):
 
 
 def layer_residual(rep: LayerReport) -> Array:
-    """A layer's residual :math:`r_l = \max(\text{forward}, \text{gradient residual})` (no forward rows: the
+    r"""A layer's residual :math:`r_l = \max(\text{forward}, \text{gradient residual})` (no forward rows: the
     gradient one)."""
     return jnp.fmax(jnp.nan_to_num(rep.forward_residual, nan=0.0), rep.gradient_residual)
 
@@ -315,10 +315,9 @@ def finish(model: Model, structure: Structure, gleaves: list[Array], image: Arra
     gradient itself is consistent (the head's rows fit it: a defence's noise would show there first, and under
     noise a noisy answer can still beat the flat image: cnn2_c1 under relative Gaussian noise 0.3, 30.2 dB
     against 19.7). The answer's detail is then the attack's amplified error, not the data's, and the flat image
-    (of smaller expected error) is returned with status ``RESULTS.fallback``. Opt-in (``Solver(fallback=True)``):
-    on by default it changed results the tests pin (a FedAvg update with :math:`K\eta = 0.1` now returns the flat
-    image, a sharded run differed from the single-device one), not yet reviewed. (``solver.correct`` off: neither
-    the correction nor the fallback, the raw least-squares answer.) Measured (``benchmarks/bench_trained.py``,
+    (of smaller expected error) is returned with status ``RESULTS.fallback`` (a FedAvg update read to first order
+    with :math:`K\eta = 0.1`: 12 dB -> the flat image's 19). ``Solver(fallback=False)``: the answer as it is;
+    ``solver.correct`` off: neither the correction nor the fallback, the raw least-squares answer. Measured (``benchmarks/bench_trained.py``,
     copa and copa+pb, 4 held-out photos, float32): every answer whose distance exceeded :data:`GROSS` (17 of 240:
     LeNet-DLG after 1000 Adam steps, CNN4-c1 after 300 and 1000, a ReLU CNN) was below the flat image of the true
     mean; LeNet-DLG 1000: 8.5-12.6 dB, the flat image of the recovered mean 13.2-25.8 (the true mean's 13.3-27.8).

@@ -34,7 +34,7 @@ class Solver(eqx.Module):
             ``False``: the raw least-squares answer.
         fallback: with ``correct``, also return the flat image of the answer's mean colour (status ``fallback``)
             where the whole gradient is grossly off and not clearly closer than that flat image's, under a
-            consistent head (:func:`jaxinv.engine.finish`). Off by default (opt-in while it is measured).
+            consistent head (:func:`jaxinv.engine.finish`); ``False``: the answer as it is.
         correct_depth: how many bottom layers (image layer first) the correction solves jointly for the image.
         correct_iters: Levenberg-Marquardt iterations of the correction, per start.
         box: the model's input range ``(lo, hi)`` (``(0, 1)`` for :mod:`jaxinv.zoo` models): the reconstruction
@@ -53,7 +53,7 @@ class Solver(eqx.Module):
     gradient_weight: float = 1.0
     fedavg_iters: int = 30
     correct: bool = True
-    fallback: bool = False
+    fallback: bool = True
     correct_depth: int = 2
     correct_iters: int = 30
     box: tuple[float, float] | None = eqx.field(default=(0.0, 1.0), converter=lambda b: check_box(b, "Solver"))
