@@ -166,6 +166,30 @@ def test_correction_in_float64(x64):
     assert psnr(fixed.image[0], x) > psnr(plain.image[0], x) + 5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_an_underdetermined_chain_is_solved_jointly_nearest_the_flat_image(dtype, request):
+    """A strided convolution that shrinks 864 inputs to 125 outputs (605 rows, the third layer): its minimum-norm
+    answer loses much of its input, and the image below it comes out under the flat image's PSNR; the three bottom
+    layers solved jointly for the image from the head's input, the answer nearest the flat image beats the flat
+    image of the true mean."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    net = tiny_cnn([(6, 3, 1, 0), (6, 3, 1, 0), (5, 4, 2, 0)], ["tanh"] * 3 + ["identity"], size=SIZE, classes=4)
+    model = jaxinv.from_fn(net.apply_fn, jax.tree_util.tree_map(lambda a: a.astype(dtype), net.params),
+                           input_shape=(SIZE, SIZE, 3))
+    x = photos()[1:3].astype(dtype)
+    y = jnp.arange(2)
+    g = jax.vmap(lambda xi, yi: jaxinv.client_gradient(model, xi[None], yi[None]))(x, y)
+    raw = jaxinv.copa(model, g, label=y, solver=Solver(correct=False))
+    rec = jaxinv.copa(model, g, label=y)
+    grey = jnp.broadcast_to(jnp.mean(x, axis=(1, 2), keepdims=True), x.shape)
+    got, before, flat = (np.array([psnr(a[i], x[i]) for i in range(2)]) for a in (rec.image, raw.image, grey))
+    assert [r.unknowns > r.forward_rows + r.gradient_rows for r in rec.layers] == [False, False, True, False]
+    assert rec.image.dtype == dtype
+    assert np.all(before < flat + 1) and np.all(got > flat + 3), (got, before, flat)
+    assert np.all(np.asarray(rec.layers[0].status) == int(RESULTS.successful)), rec.layers[0].status
+
+
 def test_inconsistent_layers_rule():
     eps = float(jnp.finfo(jnp.float32).eps)
     r = jnp.array([0.4, 1e-3, 4e-5, 1e-7])
