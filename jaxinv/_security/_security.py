@@ -139,9 +139,10 @@ def security(
     The expected lost energy (and so the score) is measured on synthetic natural-image probes
     (:func:`jaxinv._security.natural_probes`) rather than on the analysed input. The score is then capped by what
     the engine reaches on the probes' gradients rounded to the client's precision (the median probe's PSNR,
-    :func:`jaxinv._security.precision_psnr`; the probes labelled as the model would label them) and, on a
-    rank-deficient chain without blocks, raised to what COPA with the pull-back constraints reaches on them: it
-    predicts the best layer-wise attack.
+    :func:`jaxinv._security.precision_psnr`; the probes labelled as the model would label them); on a
+    rank-deficient chain without blocks, where the attacks choose what the systems lose (the image nearest the flat
+    one, the pull-back constraints), it is what COPA, with and without the pull-back, reaches on them: it predicts
+    the best layer-wise attack.
 
     **How** (:mod:`jaxinv._security._certificates`): float64 pivoted Cholesky on Gram matrices of exact float32
     entries, with relative tolerance :data:`jaxinv._security.RANK_TOL` on the balanced operator; convolutions use the
