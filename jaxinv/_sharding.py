@@ -90,9 +90,10 @@ def split_mesh(tree: PyTree) -> Mesh | None:
 
 def per_device(fn: Callable, mesh: Mesh, *args: PyTree) -> PyTree:
     """``fn(*args)`` with each device of ``mesh``'s targets axis running ``fn`` on its own slice of the targets
-    (committed to it, one thread per device): every array leaf of ``args`` is split along its leading axis, and the results' leaves with
-    a leading targets axis are put back together as one array split the same way (a scalar leaf comes from the
-    first device). ``fn`` must treat the targets independently (:func:`jaxinv.copa` on stacked targets)."""
+    (committed to it, one thread per device): every array leaf of ``args`` is split along its leading axis, and
+    the results' leaves with a leading targets axis are put back together as one array split the same way (a
+    scalar leaf comes from the first device). ``fn`` must treat the targets independently (:func:`jaxinv.copa` on
+    stacked targets)."""
     devices = list(mesh.devices.flat)
     n = len(devices)
     T = jax.tree_util.tree_leaves(args)[0].shape[0]

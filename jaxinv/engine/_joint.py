@@ -351,10 +351,11 @@ def finish(model: Model, structure: Structure, gleaves: list[Array], image: Arra
     against 19.7). The answer's detail is then the attack's amplified error, not the data's, and the flat image
     (of smaller expected error) is returned with status ``RESULTS.fallback`` (a FedAvg update read to first order
     with :math:`K\eta = 0.1`: 12 dB -> the flat image's 19). ``Solver(fallback=False)``: the answer as it is;
-    ``solver.correct`` off: neither the correction nor the fallback, the raw least-squares answer. Measured (``benchmarks/bench_trained.py``,
-    copa and copa+pb, 4 held-out photos, float32): every answer whose distance exceeded :data:`GROSS` (17 of 240:
-    LeNet-DLG after 1000 Adam steps, CNN4-c1 after 300 and 1000, a ReLU CNN) was below the flat image of the true
-    mean; LeNet-DLG 1000: 8.5-12.6 dB, the flat image of the recovered mean 13.2-25.8 (the true mean's 13.3-27.8).
+    ``solver.correct`` off: neither the correction nor the fallback, the raw least-squares answer. Measured
+    (``benchmarks/bench_trained.py``, copa and copa+pb, 4 held-out photos, float32): every answer whose distance
+    exceeded :data:`GROSS` (17 of 240: LeNet-DLG after 1000 Adam steps, CNN4-c1 after 300 and 1000, a ReLU CNN)
+    was below the flat image of the true mean; LeNet-DLG 1000: 8.5-12.6 dB, the flat image of the recovered mean
+    13.2-25.8 (the true mean's 13.3-27.8).
 
     ``image`` ``(B, *input_shape)``, ``labels`` ``(B, ...)``; ``reports``/``layer_inputs`` the fold's (stacked over
     ``B`` when ``stacked``). Returns ``(image, reports, layer_inputs, distance)``.
