@@ -186,7 +186,7 @@ def test_an_underdetermined_chain_is_solved_jointly_nearest_the_flat_image(dtype
     got, before, flat = (np.array([psnr(a[i], x[i]) for i in range(2)]) for a in (rec.image, raw.image, grey))
     assert [r.unknowns > r.forward_rows + r.gradient_rows for r in rec.layers] == [False, False, True, False]
     assert rec.image.dtype == dtype
-    assert np.all(before < flat + 1) and np.all(got > flat + 3), (got, before, flat)
+    assert np.all(before < flat + 1) and np.all(got > flat + 10), (got, before, flat)
     assert np.all(np.asarray(rec.layers[0].status) == int(RESULTS.successful)), rec.layers[0].status
 
 

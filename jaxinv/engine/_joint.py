@@ -284,12 +284,14 @@ def apply_correction(structure: Structure, leaves: list[Array], gleaves: list[Ar
                                 jnp.where(f & (rep.status == int(RESULTS.successful)), int(RESULTS.inconsistent),
                                           rep.status).astype(jnp.int32))
                     for rep, f in zip(reports, flags))
-    low = deficient_depth(reports)
-    depth = max(solver.correct_depth, low)
-    if not can_correct(structure, solver, depth):
-        low, depth = 0, solver.correct_depth
-        if not can_correct(structure, solver):
-            return image, reports, layer_inputs
+    # an underdetermined chain, unless the pull-back constraints chose its lost directions already
+    low = deficient_depth(reports) if reports[0].refine_steps is None else 0
+    depth = next((d for d in (max(solver.correct_depth, low), low, solver.correct_depth)
+                  if d and can_correct(structure, solver, d)), 0)
+    if not depth:
+        return image, reports, layer_inputs
+    if depth < low:
+        low = 0
     need = jnp.any(flags[:depth], axis=0).reshape(-1) | (low > 0)
     if not traced and not bool(jnp.any(need)):
         return image, reports, layer_inputs
