@@ -2,7 +2,7 @@
 change to how the engine treats them: copa and copa+pull-back on the same 4 photos, the score, before and after.
 
 "Before" is read from ``benchmarks/out/security_attacks.json`` (attacks) and ``benchmarks/out/security.json``
-(scores) as they are; "after" is measured now with the same models (seed 1), photos (``sample_images`` key 5),
+(scores: that file's run, which may predate later changes to the metric) as they are; "after" is measured now with the same models (seed 1), photos (``sample_images`` key 5),
 labels and security key. Nothing there is overwritten.
 
 Run from the repository root:  python benchmarks/bench_deficient.py [--models a,b,...] [--tag T]
@@ -80,8 +80,9 @@ def main():
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     lines = ["# Rank-deficient architectures: the layer-wise attacks and the score, before and after", "",
              f"{res['machine']}. Untrained (seed 1), 4 photos (sample_images key 5), float32; best = max(copa, "
-             "copa_pb) per photo, mean over photos. Before: benchmarks/out/security_attacks.json and security.json.",
-             "", "| model | copa before | copa after | best before | best after | score before | score after |",
+             "copa_pb) per photo, mean over photos. Before: benchmarks/out/security_attacks.json and security.json "
+             "(whose scores may predate later changes to the metric).",
+             "", "| model | copa before | copa after | best before | best after | score (security.json) | score now |",
              "|---|---|---|---|---|---|---|"]
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for r in rows:
