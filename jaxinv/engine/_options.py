@@ -31,6 +31,7 @@ class Solver(eqx.Module):
             (:class:`jaxinv.Client` with ``local_steps > 1``).
         correct: run the noise-aware joint correction of the bottom layers where their least-squares answer does
             not match its data (:mod:`jaxinv.engine._joint`): trained layers amplify the gradient's own rounding;
+            and, below a layer with fewer rows than unknowns, the joint solve for the image nearest the flat one;
             ``False``: the raw least-squares answer.
         fallback: with ``correct``, also return the flat image of the answer's mean colour (status ``fallback``)
             where the whole gradient is grossly off and not clearly closer than that flat image's, under a
