@@ -253,10 +253,11 @@ def _precision(model: Model, layers: tuple[LayerSecurity, ...], score: float, cl
         p_more, e_more = precision_psnr(model, more, y_more, input_shape=input_shape, client=client)
         x, y = np.concatenate([x, more]), jnp.concatenate([y, y_more])
         psnrs, errs = np.concatenate([psnrs, p_more]), np.concatenate([errs, e_more], axis=1)
-    best = min(score, float(np.median(psnrs)))
+    p = float(np.median(psnrs))
+    best = min(score, p)
     if any(r.deficiency > 0 for r in layers[:-1]) and not structure.blocks:
         pb = precision_psnr(model, x, y, input_shape=input_shape, client=client, refine=True)[0]
-        best = max(float(np.median(psnrs)), float(np.median(pb)))
+        best = max(p, float(np.median(pb)))
     errs = np.median(errs, axis=1)
     layers = tuple(dataclasses.replace(r, precision_error=float(e)) for r, e in zip(layers, errs))
     return (layers, best), dict(precision=dtype, score_exact=score)
